@@ -1,0 +1,50 @@
+"""BatchNorm bookkeeping shared by the fused modules: running-stat updates exactly as nn.BatchNorm2d, and
+an eval-time fold cache keyed on the tensors' version counters."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """nn.BatchNorm's rule: batch statistics in training, or whenever no running stats are tracked."""
+    return bn.training or bn.running_mean is None
+
+
+@torch.no_grad()
+def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
+                         count: int) -> None:
+    """Fold one batch's mean and biased var (over `count` values per channel) into bn's running stats."""
+    if not (bn.training and bn.track_running_stats):
+        return
+    bn.num_batches_tracked.add_(1)
+    if count == 0:  # as nn.BatchNorm2d: an empty batch is counted but leaves the running stats alone
+        return
+    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    unbiased = var * (count / (count - 1))
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+
+
+class FoldCache:
+    """Caches `fold()` of a module's parameters and buffers until one of them changes.
+
+    Re-folds when any tensor's version counter, storage, dtype or device changes (optimizer steps,
+    load_state_dict, .to()). Autograd through the fold (parameters requiring grad with grad enabled)
+    and tracing under torch.compile always re-fold: the fold is a few tiny per-channel ops.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value = None
+
+    def get(self, tensors: list[torch.Tensor], fold: Callable[[], object]):
+        differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if differentiable or torch.compiler.is_compiling():
+            return fold()
+        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
+        if key != self._key:
+            self._value, self._key = fold(), key
+        return self._value

@@ -1,0 +1,89 @@
+"""Fused drop-ins for SHViT's depthwise Conv2d_BN blocks: the residual 3x3 block and PatchMerging."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..reference import Conv2d_BN, PatchMerging, Residual
+from ..reference.conv_bn import bn_scale_shift
+from ._bn import FoldCache, update_running_stats, uses_batch_stats
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    """A Conv2d_BN whose conv is depthwise, odd-kernel (<= 7), 'same'-padded and of stride 1 or 2."""
+    if not isinstance(m, Conv2d_BN):
+        return False
+    c = m.c
+    k = c.kernel_size[0]
+    return (c.groups == c.in_channels == c.out_channels and c.kernel_size == (k, k) and k % 2 == 1 and k <= 7
+            and c.padding == (k // 2, k // 2) and c.stride in ((1, 1), (2, 2)) and c.dilation == (1, 1)
+            and c.bias is None)
+
+
+def dwconv_bn_forward(m: Conv2d_BN, cache: FoldCache, x: torch.Tensor, residual: bool, relu: bool) -> torch.Tensor:
+    """[relu](BN(dwconv(x)) [+ x]) through the fused ops; running stats updated as nn.BatchNorm2d."""
+    conv, bn = m.c, m.bn
+    stride = conv.stride[0]
+    if uses_batch_stats(bn):
+        y, mean, var = ops.dwconv_bn_train(x, conv.weight, bn.weight, bn.bias, bn.eps, stride, residual, relu)
+        update_running_stats(bn, mean, var, y.numel() // max(y.shape[1], 1))
+        return y
+
+    def fold():
+        scale, shift = bn_scale_shift(bn)
+        w = conv.weight * scale[:, None, None, None]
+        if residual:  # x + conv(x) == conv'(x) with 1 added to the centre tap
+            k = w.shape[-1]
+            w = w + nn.functional.pad(torch.ones_like(w[..., :1, :1]), [k // 2] * 4)
+        return w.to(x.dtype), shift.to(x.dtype)
+
+    w, b = cache.get([conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var], fold)
+    return ops.dwconv_bn(x, w, b, stride, relu)
+
+
+class ResidualDWConvBN(Residual):
+    """x + BN(DWConv(x)): drop-in for `Residual(Conv2d_BN(d, d, k, 1, k//2, groups=d))` (keys `m.c`, `m.bn`)."""
+
+    def __init__(self, dim: int, ks: int = 3, bn_weight_init: float = 1.0):
+        super().__init__(Conv2d_BN(dim, dim, ks, 1, ks // 2, groups=dim, bn_weight_init=bn_weight_init))
+        self._fold = FoldCache()
+
+    @classmethod
+    def from_module(cls, stock: Residual) -> "ResidualDWConvBN":
+        """Wrap a stock Residual(depthwise Conv2d_BN), sharing its parameters and buffers."""
+        if not (isinstance(stock, Residual) and is_depthwise(stock.m) and stock.m.c.stride == (1, 1)):
+            raise TypeError("ResidualDWConvBN.from_module needs a Residual around a stride-1 depthwise Conv2d_BN")
+        new = cls.__new__(cls)
+        Residual.__init__(new, stock.m, getattr(stock, "drop", 0.0))
+        new._fold = FoldCache()
+        new.train(stock.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.drop > 0:  # stochastic depth scales the branch alone: no identity fold
+            return super().forward(x)
+        return dwconv_bn_forward(self.m, self._fold, x, residual=True, relu=False)
+
+
+class FusedPatchMerging(PatchMerging):
+    """PatchMerging whose stride-2 depthwise Conv2d_BN + ReLU runs as one fused op (same keys)."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__(dim, out_dim)
+        self._fold = FoldCache()
+
+    @classmethod
+    def from_module(cls, stock: PatchMerging) -> "FusedPatchMerging":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name, child in stock.named_children():
+            new.add_module(name, child)
+        new._fold = FoldCache()
+        new.train(stock.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.conv1(x))
+        x = dwconv_bn_forward(self.conv2, self._fold, x, residual=False, relu=True)
+        return self.conv3(self.se(x))

@@ -1,0 +1,34 @@
+"""Shared test utilities."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shvit_kernels.bench import randomize_bn  # noqa: F401  (re-exported for the tests)
+
+
+def rand_bn_(bn: nn.modules.batchnorm._BatchNorm) -> nn.modules.batchnorm._BatchNorm:
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.5)
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return bn
+
+
+def bn_states(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def assert_close_to_oracle(out: torch.Tensor, stock: torch.Tensor, oracle: torch.Tensor, atol: float = 1e-6):
+    """DESIGN.md's rule: error of the fused result vs the float64 oracle <= 2x stock's error in the same dtype + atol."""
+    err = (out.double() - oracle).abs().max().item()
+    stock_err = (stock.double() - oracle).abs().max().item()
+    assert err <= 2 * stock_err + atol, f"fused error {err:.3e} > 2 x stock error {stock_err:.3e} + {atol:.0e}"
+
+
+def cpu_backends(op: str) -> list[str]:
+    """Backends that run `op` on CPU tensors here: reference always, cpu when built, triton under the interpreter."""
+    from shvit_kernels import available_backends, backends
+
+    return [b for b in ("reference", "cpu", "triton") if b in available_backends() and b in backends.implementations(op)]
