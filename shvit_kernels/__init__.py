@@ -3,8 +3,7 @@ from . import _ext
 from . import ops
 from .backends import BackendUnavailableError, available_backends, current_backend, use_backend
 from .convert import convert
-from .nn import SHSA
-from .reference import SRA
+from .nn import SHSA, SRA
 
 __version__ = "0.1.0"
 _ext.load()

@@ -1,5 +1,6 @@
 """Functional fused ops (torch.library namespace `shvit`), each dispatching to the backend chosen per call."""
 from .dwconv_bn import dwconv_bn, dwconv_bn_train
 from .shsa import TrainStats, shsa, shsa_train
+from .sra import sra_attention, sra_reduce
 
-__all__ = ["TrainStats", "dwconv_bn", "dwconv_bn_train", "shsa", "shsa_train"]
+__all__ = ["TrainStats", "dwconv_bn", "dwconv_bn_train", "shsa", "shsa_train", "sra_attention", "sra_reduce"]

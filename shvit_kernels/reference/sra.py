@@ -80,3 +80,90 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+# ---- functional spec of the fused ops ----------------------------------------------------------------------
+# reduce_fwd(x, h, w, sr_w, sr_b, ln_w, ln_b, eps, sr_ratio, linear) -> red (B, M, C)
+# reduce_bwd(g_red, <reduce_fwd args>) -> (gx, g_sr_w, g_sr_b, g_ln_w, g_ln_b)
+# attn_fwd(x, red, q_w, q_b, kv_w, kv_b, num_heads, scale) -> (o (B, N, C) before proj, lse (B, heads, N))
+# attn_bwd(g_o, x, red, q_w, q_b, kv_w, kv_b, o, lse, num_heads, scale) -> (gx, g_red, g_q_w, g_q_b, g_kv_w, g_kv_b)
+# q_b / kv_b may be None (qkv_bias=False); their grads are returned all the same (the schema has no optional
+# returns). The backward is written out: it specifies the kernels'.
+
+def _acc(t):
+    return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _reduce_parts(x, h, w, sr_w, sr_b, ln_w, ln_b, eps, sr_ratio, linear):
+    b, n, c = x.shape
+    img = _acc(x).transpose(1, 2).reshape(b, c, h, w)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(img, 7) if linear else img
+    stride = 1 if linear else sr_ratio
+    z = torch.nn.functional.conv2d(pooled, _acc(sr_w), _acc(sr_b), stride).flatten(2).transpose(1, 2)
+    var, mean = torch.var_mean(z, -1, correction=0, keepdim=True)
+    rstd = torch.rsqrt(var + eps)
+    zhat = (z - mean) * rstd
+    t = zhat * _acc(ln_w) + _acc(ln_b)
+    return img, pooled, zhat, rstd, t
+
+
+def reduce_fwd(x, h, w, sr_w, sr_b, ln_w, ln_b, eps, sr_ratio, linear):
+    *_, t = _reduce_parts(x, h, w, sr_w, sr_b, ln_w, ln_b, eps, sr_ratio, linear)
+    return (torch.nn.functional.gelu(t) if linear else t).to(x.dtype)
+
+
+def reduce_bwd(g_red, x, h, w, sr_w, sr_b, ln_w, ln_b, eps, sr_ratio, linear):
+    img, pooled, zhat, rstd, t = _reduce_parts(x, h, w, sr_w, sr_b, ln_w, ln_b, eps, sr_ratio, linear)
+    g = _acc(g_red)
+    if linear:  # d gelu(t) = Phi(t) + t phi(t)
+        g = g * (0.5 * (1 + torch.erf(t * 0.5 ** 0.5)) + t * torch.exp(-0.5 * t * t) * (2 * math.pi) ** -0.5)
+    g_ln_w, g_ln_b = (g * zhat).sum((0, 1)), g.sum((0, 1))
+    gzhat = g * _acc(ln_w)
+    gz = rstd * (gzhat - gzhat.mean(-1, keepdim=True) - zhat * (gzhat * zhat).mean(-1, keepdim=True))
+    b, m, c = gz.shape
+    ho = 7 if linear else h // sr_ratio
+    gz = gz.transpose(1, 2).reshape(b, c, ho, m // ho)
+    g_in, g_sr_w, g_sr_b = torch.ops.aten.convolution_backward(
+        gz, pooled, _acc(sr_w), [c], [1 if linear else sr_ratio] * 2, [0, 0], [1, 1], False, [0, 0], 1,
+        [True, True, True])
+    if linear:
+        g_in = torch.ops.aten._adaptive_avg_pool2d_backward(g_in, img)
+    gx = g_in.reshape(b, c, h * w).transpose(1, 2)
+    return (gx.to(x.dtype), g_sr_w.to(sr_w.dtype), g_sr_b.to(sr_b.dtype), g_ln_w.to(ln_w.dtype),
+            g_ln_b.to(ln_b.dtype))
+
+
+def _heads(t, num_heads):  # (B, L, C) -> (B, heads, L, C // heads)
+    b, length, c = t.shape
+    return t.reshape(b, length, num_heads, c // num_heads).transpose(1, 2)
+
+
+def _qkv(x, red, q_w, q_b, kv_w, kv_b, num_heads):
+    q = torch.nn.functional.linear(_acc(x), _acc(q_w), _acc(q_b))
+    k, v = torch.nn.functional.linear(_acc(red), _acc(kv_w), _acc(kv_b)).chunk(2, -1)
+    return _heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads)
+
+
+def attn_fwd(x, red, q_w, q_b, kv_w, kv_b, num_heads, scale):
+    q, k, v = _qkv(x, red, q_w, q_b, kv_w, kv_b, num_heads)
+    s = (q @ k.transpose(-2, -1)) * scale
+    lse = torch.logsumexp(s, -1)
+    o = (torch.exp(s - lse[..., None]) @ v).transpose(1, 2).flatten(2)
+    return o.to(x.dtype), lse
+
+
+def attn_bwd(g_o, x, red, q_w, q_b, kv_w, kv_b, o, lse, num_heads, scale):
+    q, k, v = _qkv(x, red, q_w, q_b, kv_w, kv_b, num_heads)
+    p = torch.exp((q @ k.transpose(-2, -1)) * scale - lse[..., None])  # recomputed from the saved logsumexp
+    go = _heads(_acc(g_o), num_heads)
+    dv = p.transpose(-2, -1) @ go
+    d = (go * _heads(_acc(o), num_heads)).sum(-1, keepdim=True)  # rowsum(dP * P) == rowsum(dO * O)
+    ds = p * (go @ v.transpose(-2, -1) - d) * scale
+    dq = (ds @ k).transpose(1, 2).flatten(2)
+    dkv = torch.cat([(ds.transpose(-2, -1) @ q).transpose(1, 2).flatten(2), dv.transpose(1, 2).flatten(2)], -1)
+    gx = dq @ _acc(q_w)
+    g_red = dkv @ _acc(kv_w)
+    g_q_w = dq.flatten(0, 1).t() @ _acc(x).flatten(0, 1)
+    g_kv_w = dkv.flatten(0, 1).t() @ _acc(red).flatten(0, 1)
+    return (gx.to(x.dtype), g_red.to(red.dtype), g_q_w.to(q_w.dtype), dq.sum((0, 1)).to(q_w.dtype),
+            g_kv_w.to(kv_w.dtype), dkv.sum((0, 1)).to(kv_w.dtype))
