@@ -6,9 +6,8 @@ import warnings
 
 from torch import nn
 
-from .nn import SHSA, FusedPatchMerging, ResidualDWConvBN, ResidualSHSA, is_depthwise
-from .reference import SHSA as StockSHSA
-from .reference import PatchMerging, Residual
+from .nn import SHSA, FusedPatchMerging, ResidualDWConvBN, ResidualSHSA, is_depthwise, is_patch_merging, \
+    is_residual, is_shsa
 
 _FUSED = (SHSA, ResidualSHSA, ResidualDWConvBN, FusedPatchMerging)
 
@@ -16,13 +15,13 @@ _FUSED = (SHSA, ResidualSHSA, ResidualDWConvBN, FusedPatchMerging)
 def _replacement(m: nn.Module) -> nn.Module | None:
     if isinstance(m, _FUSED):  # already converted: convert() is idempotent
         return None
-    if type(m) is Residual and isinstance(m.m, StockSHSA):
+    if is_residual(m) and is_shsa(m.m):
         return ResidualSHSA.from_module(m)
-    if type(m) is Residual and is_depthwise(m.m) and m.m.c.stride == (1, 1):
+    if is_residual(m) and is_depthwise(m.m, stride=1):
         return ResidualDWConvBN.from_module(m)
-    if type(m) is PatchMerging and is_depthwise(m.conv2):
+    if is_patch_merging(m):
         return FusedPatchMerging.from_module(m)
-    if type(m) is StockSHSA:
+    if is_shsa(m):
         return SHSA.from_module(m)
     return None
 
@@ -40,7 +39,7 @@ def _convert(parent: nn.Module) -> int:
 
 
 def convert(model: nn.Module) -> nn.Module:
-    """Replace every fusable module of an official-layout SHViT (or any model holding its blocks) in place.
+    """Replace every fusable module of an official-layout or timm SHViT (or any model holding its blocks) in place.
 
     Swaps Residual(SHSA), SHSA, Residual(depthwise Conv2d_BN) and PatchMerging for their fused drop-ins.
     Returns the model; warns and returns it unchanged when nothing was fusable.

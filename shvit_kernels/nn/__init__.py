@@ -1,6 +1,8 @@
 """nn.Module drop-ins on the fused ops, state_dict-compatible with the official / timm / PVT modules."""
-from .dwconv_bn import FusedPatchMerging, ResidualDWConvBN, is_depthwise
+from ._match import is_conv_bn, is_depthwise, is_patch_merging, is_residual, is_shsa
+from .dwconv_bn import FusedPatchMerging, ResidualDWConvBN
 from .shsa import SHSA, ResidualSHSA
 from .sra import SRA
 
-__all__ = ["FusedPatchMerging", "ResidualDWConvBN", "ResidualSHSA", "SHSA", "SRA", "is_depthwise"]
+__all__ = ["FusedPatchMerging", "ResidualDWConvBN", "ResidualSHSA", "SHSA", "SRA", "is_conv_bn", "is_depthwise",
+           "is_patch_merging", "is_residual", "is_shsa"]

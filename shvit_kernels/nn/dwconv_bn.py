@@ -8,20 +8,10 @@ from .. import ops
 from ..reference import Conv2d_BN, PatchMerging, Residual
 from ..reference.conv_bn import bn_scale_shift
 from ._bn import FoldCache, update_running_stats, uses_batch_stats
+from ._match import is_depthwise, is_patch_merging, is_residual, patch_merging_acts
 
 
-def is_depthwise(m: nn.Module) -> bool:
-    """A Conv2d_BN whose conv is depthwise, odd-kernel (<= 7), 'same'-padded and of stride 1 or 2."""
-    if not isinstance(m, Conv2d_BN):
-        return False
-    c = m.c
-    k = c.kernel_size[0]
-    return (c.groups == c.in_channels == c.out_channels and c.kernel_size == (k, k) and k % 2 == 1 and k <= 7
-            and c.padding == (k // 2, k // 2) and c.stride in ((1, 1), (2, 2)) and c.dilation == (1, 1)
-            and c.bias is None)
-
-
-def dwconv_bn_forward(m: Conv2d_BN, cache: FoldCache, x: torch.Tensor, residual: bool, relu: bool) -> torch.Tensor:
+def dwconv_bn_forward(m: nn.Module, cache: FoldCache, x: torch.Tensor, residual: bool, relu: bool) -> torch.Tensor:
     """[relu](BN(dwconv(x)) [+ x]) through the fused ops; running stats updated as nn.BatchNorm2d."""
     conv, bn = m.c, m.bn
     stride = conv.stride[0]
@@ -50,9 +40,9 @@ class ResidualDWConvBN(Residual):
         self._fold = FoldCache()
 
     @classmethod
-    def from_module(cls, stock: Residual) -> "ResidualDWConvBN":
+    def from_module(cls, stock: nn.Module) -> "ResidualDWConvBN":
         """Wrap a stock Residual(depthwise Conv2d_BN), sharing its parameters and buffers."""
-        if not (isinstance(stock, Residual) and is_depthwise(stock.m) and stock.m.c.stride == (1, 1)):
+        if not (is_residual(stock) and is_depthwise(stock.m, stride=1)):
             raise TypeError("ResidualDWConvBN.from_module needs a Residual around a stride-1 depthwise Conv2d_BN")
         new = cls.__new__(cls)
         Residual.__init__(new, stock.m, getattr(stock, "drop", 0.0))
@@ -72,18 +62,23 @@ class FusedPatchMerging(PatchMerging):
     def __init__(self, dim: int, out_dim: int):
         super().__init__(dim, out_dim)
         self._fold = FoldCache()
+        self._act1 = "act"
 
     @classmethod
-    def from_module(cls, stock: PatchMerging) -> "FusedPatchMerging":
+    def from_module(cls, stock: nn.Module) -> "FusedPatchMerging":
+        """A fused PatchMerging sharing the children of a stock (official or timm) one."""
+        if not is_patch_merging(stock):
+            raise TypeError("FusedPatchMerging.from_module needs a PatchMerging with a stride-2 depthwise conv2")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for name, child in stock.named_children():
             new.add_module(name, child)
         new._fold = FoldCache()
+        new._act1 = patch_merging_acts(stock)[0]  # the second ReLU is fused into the depthwise op
         new.train(stock.training)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.conv1(x))
+        x = getattr(self, self._act1)(self.conv1(x))
         x = dwconv_bn_forward(self.conv2, self._fold, x, residual=False, relu=True)
         return self.conv3(self.se(x))

@@ -10,6 +10,7 @@ from ..reference import Residual
 from ..reference import SHSA as StockSHSA
 from ..reference.conv_bn import bn_scale_shift
 from ._bn import FoldCache, update_running_stats, uses_batch_stats
+from ._match import is_residual, is_shsa
 
 
 def _matrix(conv: nn.Conv2d) -> torch.Tensor:
@@ -53,9 +54,9 @@ class SHSA(StockSHSA):
     @classmethod
     def from_module(cls, stock: nn.Module) -> "SHSA":
         """A fused SHSA sharing the parameters and buffers of a stock (official or timm) SHSA."""
-        for attr in ("dim", "qk_dim", "pdim", "pre_norm", "qkv", "proj"):
-            if not hasattr(stock, attr):
-                raise TypeError(f"SHSA.from_module: {type(stock).__name__} has no {attr!r}; not an SHSA")
+        if not is_shsa(stock):
+            raise TypeError(f"SHSA.from_module: {type(stock).__name__} is not an SHSA (GroupNorm(1) pre_norm, "
+                            "conv-BN qkv, ReLU + conv-BN proj)")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.dim, new.qk_dim, new.pdim, new.scale = stock.dim, stock.qk_dim, stock.pdim, stock.qk_dim ** -0.5
@@ -72,7 +73,9 @@ class ResidualSHSA(Residual):
     """Residual(SHSA) with the add fused into the op; keys `m.pre_norm`, `m.qkv.*`, `m.proj.1.*`."""
 
     @classmethod
-    def from_module(cls, stock: Residual) -> "ResidualSHSA":
+    def from_module(cls, stock: nn.Module) -> "ResidualSHSA":
+        if not is_residual(stock):
+            raise TypeError(f"ResidualSHSA.from_module: {type(stock).__name__} is not a Residual")
         new = cls.__new__(cls)
         Residual.__init__(new, SHSA.from_module(stock.m), getattr(stock, "drop", 0.0))
         new.train(stock.training)

@@ -1,0 +1,50 @@
+"""Structural recognisers for stock SHViT modules, official layout or timm's: matched by the attributes and
+child types the fused modules rely on, not by class, since timm defines its own classes with the same layout."""
+from __future__ import annotations
+
+from torch import nn
+
+
+def is_conv_bn(m: nn.Module) -> bool:
+    """A bias-free Conv2d `c` followed by BatchNorm2d `bn` (official Conv2d_BN, timm Conv2dNorm)."""
+    c, bn = getattr(m, "c", None), getattr(m, "bn", None)
+    return isinstance(c, nn.Conv2d) and c.bias is None and isinstance(bn, nn.BatchNorm2d) \
+        and len(list(m.children())) == 2
+
+
+def is_depthwise(m: nn.Module, stride: int | None = None) -> bool:
+    """A conv-BN pair whose conv is depthwise, odd-kernel (<= 7), 'same'-padded, of stride 1 or 2."""
+    if not is_conv_bn(m):
+        return False
+    c = m.c
+    k = c.kernel_size[0]
+    ok = (c.groups == c.in_channels == c.out_channels and c.kernel_size == (k, k) and k % 2 == 1 and k <= 7
+          and c.padding == (k // 2, k // 2) and c.stride in ((1, 1), (2, 2)) and c.dilation == (1, 1))
+    return ok and (stride is None or c.stride == (stride, stride))
+
+
+def is_residual(m: nn.Module) -> bool:
+    """`x + m(x)` with the branch in child `m` (official Residual, timm Residual); stochastic depth allowed."""
+    return type(m).__name__ == "Residual" and isinstance(getattr(m, "m", None), nn.Module) \
+        and len(list(m.children())) == 1
+
+
+def is_shsa(m: nn.Module) -> bool:
+    """SHViT's single-head attention: GroupNorm(1) pre_norm, conv-BN qkv, Sequential(ReLU, conv-BN) proj."""
+    proj = getattr(m, "proj", None)
+    norm = getattr(m, "pre_norm", None)
+    return all(hasattr(m, a) for a in ("dim", "qk_dim", "pdim")) and isinstance(norm, nn.GroupNorm) \
+        and norm.num_groups == 1 and is_conv_bn(getattr(m, "qkv", None)) and isinstance(proj, nn.Sequential) \
+        and len(proj) == 2 and type(proj[0]) is nn.ReLU and is_conv_bn(proj[1])
+
+
+def patch_merging_acts(m: nn.Module) -> tuple[str, str] | None:
+    """Names of PatchMerging's two activations: one shared `act` (official) or `act1`, `act2` (timm)."""
+    names = ("act1", "act2") if hasattr(m, "act1") else ("act", "act")
+    return names if all(type(getattr(m, n, None)) is nn.ReLU for n in names) else None
+
+
+def is_patch_merging(m: nn.Module) -> bool:
+    """SHViT's PatchMerging with a stride-2 depthwise conv2 and ReLU activations."""
+    return all(hasattr(m, a) for a in ("conv1", "conv3", "se")) and patch_merging_acts(m) is not None \
+        and is_depthwise(getattr(m, "conv2", None), stride=2)
