@@ -28,3 +28,14 @@ def check_same_dtype(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -
         if t.dtype != ref.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; "
                             "cast them to one dtype (or run under torch.autocast)")
+
+
+def autocast(*tensors):
+    """Under torch.autocast, cast the matmul/conv operands to the autocast dtype (as autocast does for
+    F.conv2d / F.linear): custom ops are not autocast by PyTorch itself. Non-tensors pass through."""
+    ref = next(t for t in tensors if isinstance(t, torch.Tensor))
+    device = ref.device.type
+    if not (ref.is_floating_point() and torch.is_autocast_enabled(device)):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

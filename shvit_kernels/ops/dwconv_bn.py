@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import dwconv_bn as ref
-from ._checks import check_same_device, check_same_dtype, check_tensor
+from ._checks import autocast, check_same_device, check_same_dtype, check_tensor
 
 OP = "dwconv_bn"
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -150,6 +150,7 @@ def dwconv_bn(x: Tensor, weight: Tensor, bias: Tensor, stride: int = 1, relu: bo
     with BatchNorm (and, for the residual block, the identity tap) already folded in; bias (C,).
     Differentiable in x, weight and bias.
     """
+    x, weight = autocast(x, weight)
     _check(x, weight, stride, False, bias=bias)
     if x.shape[0] == 0:
         return _empty_batch(x, weight.shape[-1], stride)
@@ -164,6 +165,7 @@ def dwconv_bn_train(x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tenso
     biased var of z per channel (fp32, fp64 for fp64 inputs) for the caller's running-stat update.
     Differentiable in x, weight, bn_weight and bn_bias; deterministic on every backend.
     """
+    x, weight = autocast(x, weight)
     _check(x, weight, stride, residual, bn_weight=bn_weight, bn_bias=bn_bias)
     k = weight.shape[-1]
     ho, wo = _out_hw(x.shape[2], x.shape[3], k, stride)

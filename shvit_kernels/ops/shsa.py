@@ -4,6 +4,7 @@ projection (+BN), optional residual add. Ops `shvit::shsa` (eval, BN folded) and
 (BatchNorm with batch statistics), each with a backward op, fake impls and autograd."""
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -11,11 +12,17 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import shsa as ref
-from ._checks import check_same_device, check_same_dtype, check_tensor
+from ._checks import autocast, check_same_device, check_same_dtype, check_tensor
 
 OP = "shsa"
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 backends.register(OP, "reference", ref, ("cpu", "cuda"), _ALL)
+backends.register(OP, "triton", "shvit_kernels.triton.shsa", ("cuda", "cpu"), _ALL)
+backends.register(OP, "cpu", SimpleNamespace(
+    fwd=lambda *a: torch.ops.shvit.shsa_fwd_cpu(*a),
+    bwd=lambda *a: torch.ops.shvit.shsa_bwd_cpu(*a),
+    train_fwd=lambda *a: torch.ops.shvit.shsa_train_fwd_cpu(*a),
+    train_bwd=lambda *a: torch.ops.shvit.shsa_train_bwd_cpu(*a)), ("cpu",), (torch.float32, torch.float64))
 
 
 # ---- eval form -----------------------------------------------------------------------------------------------
@@ -169,6 +176,7 @@ def shsa(x: Tensor, gn_weight: Tensor, gn_bias: Tensor, qkv_weight: Tensor, qkv_
     x (B, dim, H, W); gn_weight/gn_bias (pdim,); qkv_weight (2*qk_dim + pdim, pdim); qkv_bias (2*qk_dim + pdim,);
     proj_weight (dim, dim); proj_bias (dim,). Returns y (B, dim, H, W) [+ x when residual].
     """
+    x, qkv_weight, proj_weight = autocast(x, qkv_weight, proj_weight)
     _check(x, gn_weight, qkv_weight, proj_weight, qk_dim, gn_bias=gn_bias, qkv_bias=qkv_bias, proj_bias=proj_bias)
     if x.shape[0] == 0:
         return torch.empty_like(x)
@@ -184,6 +192,7 @@ def shsa_train(x: Tensor, gn_weight: Tensor, gn_bias: Tensor, qkv_weight: Tensor
 
     Returns (y, TrainStats) with the batch mean and biased variance of each BatchNorm's input.
     """
+    x, qkv_weight, proj_weight = autocast(x, qkv_weight, proj_weight)
     _check(x, gn_weight, qkv_weight, proj_weight, qk_dim, gn_bias=gn_bias, qkv_bn_weight=qkv_bn_weight,
            qkv_bn_bias=qkv_bn_bias, proj_bn_weight=proj_bn_weight, proj_bn_bias=proj_bn_bias)
     if x.shape[0] == 0:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import sra as ref
-from ._checks import check_same_device, check_same_dtype, check_tensor
+from ._checks import autocast, check_same_device, check_same_dtype, check_tensor
 
 OP = "sra"
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -127,6 +127,7 @@ def sra_reduce(x: Tensor, h: int, w: int, sr_weight: Tensor, sr_bias: Tensor, ln
                eps: float = 1e-5, sr_ratio: int = 1, linear: bool = False) -> Tensor:
     """Key/value tokens (B, M, C) from x (B, N = h*w, C): LayerNorm(Conv2d(k = stride = sr_ratio)) with
     M = (h // sr_ratio) * (w // sr_ratio), or with `linear` GELU(LayerNorm(Conv1x1(AdaptiveAvgPool(7)))), M = 49."""
+    x, sr_weight = autocast(x, sr_weight)
     _check_tokens(x, h, w)
     c = x.shape[2]
     k = 1 if linear else sr_ratio
@@ -146,6 +147,7 @@ def sra_reduce(x: Tensor, h: int, w: int, sr_weight: Tensor, sr_bias: Tensor, ln
 def sra_attention(x: Tensor, red: Tensor, q_weight: Tensor, q_bias: Tensor | None, kv_weight: Tensor,
                   kv_bias: Tensor | None, num_heads: int, scale: float) -> Tensor:
     """Multi-head attention of q = x W_q^T + b_q over k, v = split(red W_kv^T + b_kv): (B, N, C), before `proj`."""
+    x, red, q_weight, kv_weight = autocast(x, red, q_weight, kv_weight)
     check_tensor("x", x, ndim=3)
     check_tensor("red", red, ndim=3)
     b, n, c = x.shape
