@@ -22,10 +22,11 @@ def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor
     bn.num_batches_tracked.add_(1)
     if count == 0:  # as nn.BatchNorm2d: an empty batch is counted but leaves the running stats alone
         return
-    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    # momentum=None: cumulative average; kept a tensor so torch.compile does not break the graph on it
+    momentum = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype) if bn.momentum is None else bn.momentum
     unbiased = var * (count / (count - 1))
-    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+    for stat, new in ((bn.running_mean, mean), (bn.running_var, unbiased)):
+        stat.mul_(1 - momentum).add_(new.to(stat.dtype) * momentum)
 
 
 class FoldCache:
