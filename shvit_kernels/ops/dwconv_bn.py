@@ -19,6 +19,11 @@ backends.register(OP, "cpu", SimpleNamespace(
     train_fwd=lambda *a: torch.ops.shvit.dwconv_bn_train_fwd_cpu(*a),
     train_bwd=lambda *a: torch.ops.shvit.dwconv_bn_train_bwd_cpu(*a)), ("cpu",), (torch.float32, torch.float64))
 backends.register(OP, "triton", "shvit_kernels.triton.dwconv_bn", ("cuda", "cpu"), _ALL)
+backends.register(OP, "cuda", SimpleNamespace(
+    fwd=lambda *a: torch.ops.shvit.dwconv_bn_fwd_cuda(*a),
+    train_fwd=lambda *a: torch.ops.shvit.dwconv_bn_train_fwd_cuda(*a),
+    train_bwd=lambda *a: torch.ops.shvit.dwconv_bn_train_bwd_cuda(*a)),
+    ("cuda",), (torch.float16, torch.bfloat16, torch.float32))
 
 
 def _out_hw(h: int, w: int, k: int, stride: int) -> tuple[int, int]:

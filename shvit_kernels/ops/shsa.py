@@ -23,6 +23,12 @@ backends.register(OP, "cpu", SimpleNamespace(
     bwd=lambda *a: torch.ops.shvit.shsa_bwd_cpu(*a),
     train_fwd=lambda *a: torch.ops.shvit.shsa_train_fwd_cpu(*a),
     train_bwd=lambda *a: torch.ops.shvit.shsa_train_bwd_cpu(*a)), ("cpu",), (torch.float32, torch.float64))
+backends.register(OP, "cuda", SimpleNamespace(
+    fwd=lambda *a: torch.ops.shvit.shsa_fwd_cuda(*a),
+    bwd=lambda *a: torch.ops.shvit.shsa_bwd_cuda(*a),
+    train_fwd=lambda *a: torch.ops.shvit.shsa_train_fwd_cuda(*a),
+    train_bwd=lambda *a: torch.ops.shvit.shsa_train_bwd_cuda(*a)),
+    ("cuda",), (torch.float16, torch.bfloat16, torch.float32))
 
 
 # ---- eval form -----------------------------------------------------------------------------------------------

@@ -1,0 +1,12 @@
+// AVX-512 copy of the dwconv_bn kernels. Only the kernels are compiled for the target: headers are
+// included first, so their inline functions stay baseline (the linker may keep any one copy of those).
+#include "dwconv_bn_kernels.h"
+
+#if SHVIT_MULTI_ISA
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
+namespace shvit::cpu::detail::isa_avx512 {
+#include "dwconv_bn_kernels.inc"
+}
+#pragma GCC pop_options
+#endif
