@@ -33,7 +33,8 @@ def build_cuda(verbose: bool = False) -> None:
     from . import _ext, backends
 
     if torch.version.cuda is None:
-        raise RuntimeError(f"build_cuda: torch {torch.__version__} was built without CUDA; install a CUDA build of torch")
+        raise RuntimeError(f"build_cuda: torch {torch.__version__} was built without CUDA; "
+                           "install a CUDA build of torch")
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError("build_cuda: no CUDA toolkit found (set CUDA_HOME to the directory that holds bin/nvcc)")
     if not (_CSRC / "cuda").is_dir():

@@ -1,5 +1,6 @@
 // AVX-512 copy of the dwconv_bn kernels. Only the kernels are compiled for the target: headers are
-// included first, so their inline functions stay baseline (the linker may keep any one copy of those).
+// included first, so that their inline functions stay baseline code: the linker keeps one copy of each
+// for the whole library, which the baseline path calls too.
 #include "dwconv_bn_kernels.h"
 
 #if SHVIT_MULTI_ISA

@@ -125,8 +125,6 @@ __device__ __forceinline__ Welford shfl_down(const Welford& w, int off) {
           __shfl_down_sync(0xffffffffu, w.m2, off)};
 }
 
-__device__ __forceinline__ float shfl_down(float v, int off) { return __shfl_down_sync(0xffffffffu, v, off); }
-
 __device__ __forceinline__ float2 shfl_down(float2 v, int off) {
   return {__shfl_down_sync(0xffffffffu, v.x, off), __shfl_down_sync(0xffffffffu, v.y, off)};
 }

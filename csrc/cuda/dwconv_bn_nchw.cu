@@ -4,7 +4,7 @@
 // Conv passes (conv_kernel, every Mode): a block computes a th x tw tile of outputs of g channel planes of one
 // sample, one output per thread: tw = pow2 >= Wo (<= 32), th = pow2 >= Ho (<= 256 / tw), g = channels filling
 // the block (<= 32), so small planes (7x7, 14x14) still give full blocks. The input halo of the tile
-// ((th-1)*stride + k) x ((tw-1)*stride + k) per plane is staged in shared memory as fp32 (<= 11 KiB), each x
+// ((th-1)*stride + k) x ((tw-1)*stride + k) per plane is staged in shared memory as fp32 (<= 19 KiB), each x
 // element is read from global memory once per tile. Block = g*th*tw threads (32..256), grid = (B * tiles, C / g).
 // Statistics are reduced over each plane's th*tw threads (segment_reduce) into one partial per (block, channel).
 //
@@ -150,7 +150,8 @@ __global__ void __launch_bounds__(256) grad_x_kernel(Args a, Tile t) {
   static_cast<T*>(a.gx)[b * a.gxs.n + c * a.gxs.c + ih * a.gxs.h + iw * a.gxs.w] = from_f<T>(acc);
 }
 
-// grad_w[c, tap] partial over a slice of the outputs: sum of dz[b, c, oh, ow] * x[b, c, oh*S - pad + i, ow*S - pad + j].
+// grad_w[c, tap] partial over a slice of the outputs:
+// sum of dz[b, c, oh, ow] * x[b, c, oh*S - pad + i, ow*S - pad + j].
 template <typename T, int K>
 __global__ void __launch_bounds__(256) grad_w_kernel(Args a) {
   __shared__ float red[K * K][8];

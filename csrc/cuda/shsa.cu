@@ -2,13 +2,13 @@
 //
 // Eval forward (6 launches): GroupNorm stats (partials + fixed-order reduce + coefficients) -> qkv GEMM -> attention
 //   -> proj GEMM (bias, residual in its epilogue).
-// Training forward (12): as eval, with Welford partials of the qkv and proj products reduced to the batch statistics;
+// Training forward (11): as eval, with Welford partials of the qkv and proj products reduced to the batch statistics;
 //   the qkv BatchNorm is applied when the attention loads q, k, v; the proj BatchNorm (+ x) by bn_apply in place.
-// Backward (eval and training): recompute GroupNorm stats, z, o and the row log-sum-exp (and the pre-BN proj output
-//   for training); then proj grads (bias / BN sums, weight-gradient partials, W^T g with the ReLU mask -> go and
-//   grad_x2), D = rowsum(go * o), attention backward -> ga, qkv BN / bias grads, qkv weight grad, gn = W^T gz, the
-//   GroupNorm backward -> grad_x1. Every reduction over the batch is a per-block / per-sample partial reduced in a
-//   fixed order: the results are deterministic.
+// Backward (eval 22 launches, training 27): recompute GroupNorm stats, z, o and the row log-sum-exp (and the pre-BN
+//   proj output for training); then proj grads (bias / BN sums, weight-gradient partials, W^T g with the ReLU mask
+//   -> go and grad_x2), D = rowsum(go * o), attention backward -> ga, qkv BN / bias grads, qkv weight grad,
+//   gn = W^T gz, the GroupNorm backward -> grad_x1.
+// Every reduction over the batch is a per-block / per-sample partial reduced in a fixed order: deterministic results.
 #include <climits>
 
 #include "reduce.cuh"
@@ -266,7 +266,9 @@ Status gn_stats(DType dt, const Plan& p, const void* x, const ShsaParams& prm, c
   return coefs(p.gn_var, nullptr, nullptr, prm.gn_eps, d.B, p.gn_rstd, nullptr, nullptr, stream);
 }
 
-GroupNorm groupnorm(const Plan& p, const ShsaParams& prm) { return GroupNorm{p.gn_mean, p.gn_rstd, prm.gn_w, prm.gn_b}; }
+GroupNorm groupnorm(const Plan& p, const ShsaParams& prm) {
+  return GroupNorm{p.gn_mean, p.gn_rstd, prm.gn_w, prm.gn_b};
+}
 
 // Training BatchNorm statistics of rows R from Welford partials (S = B * col_tiles) and the coefficients.
 Status bn_stats(const Plan& p, int64_t R, const float* w, const float* b, float eps, float* mean, float* var, float* s,

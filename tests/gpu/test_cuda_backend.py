@@ -281,7 +281,7 @@ def test_shsa_opcheck():
 # ---- CUDA graphs ---------------------------------------------------------------------------------------------
 
 def _graph_equals_eager(fn, inputs):
-    """Capture fn(*inputs) in a CUDA graph, replay it on fresh values copied into the inputs, compare with eager."""
+    """Capture fn(*inputs) (a tuple of tensors) in a CUDA graph, replay it on fresh inputs, compare with eager."""
     static = [t.clone() for t in inputs]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -296,7 +296,7 @@ def _graph_equals_eager(fn, inputs):
     graph.replay()
     torch.cuda.synchronize()
     want = fn(*[s.clone() for s in static])
-    for a, b in zip(out if isinstance(out, (tuple, list)) else [out], want if isinstance(want, (tuple, list)) else [want]):
+    for a, b in zip(out, want):
         assert torch.equal(a, b)
 
 
