@@ -111,16 +111,16 @@ def run_case(case: Case, mode: str, device: torch.device, dtype: torch.dtype, co
     if train:
         xg = x.clone().requires_grad_()
         gy = torch.randn_like(x)
-        fns = [_fwd_bwd(m, xg, gy) for m in (stock, fused)] + ([_fwd_bwd(compiled, xg, gy)] if compiled else [])
+        fns = [_fwd_bwd(m, xg, gy) for m in (stock, fused)] + ([_fwd_bwd(compiled, xg, gy)] if compiled is not None else [])
     else:
         def infer(m):
             return lambda: m(x)
-        fns = [torch.no_grad()(infer(m)) for m in (stock, fused)] + ([torch.no_grad()(infer(compiled))] if compiled
+        fns = [torch.no_grad()(infer(m)) for m in (stock, fused)] + ([torch.no_grad()(infer(compiled))] if compiled is not None
                                                                      else [])
     times = [time_ms(f, device, reps) for f in fns]
     return Result(case.op, mode, case.shape, str(dtype).removeprefix("torch."),
                   backends.choose(case.op, device, dtype)[0], times[0], times[1],
-                  times[2] if compiled else None, times[0] / times[1], err, stock_err)
+                  times[2] if compiled is not None else None, times[0] / times[1], err, stock_err)
 
 
 def dispatch_overhead_us(device: torch.device, reps: int = 2000) -> dict[str, float]:
