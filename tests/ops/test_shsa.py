@@ -25,8 +25,9 @@ def _params(dim, pdim, qk, train):
 
 
 def stock(x, qk, residual, gn_weight, gn_bias, qkv_weight, proj_weight, qkv_bias=None, proj_bias=None,
-          qkv_bn_weight=None, qkv_bn_bias=None, proj_bn_weight=None, proj_bn_bias=None):
-    """The official module's computation with F.* ops (BN in training mode when BN weights are given)."""
+          qkv_bn_weight=None, qkv_bn_bias=None, proj_bn_weight=None, proj_bn_bias=None, taps=None):
+    """The official module's computation with F.* ops (BN in training mode when BN weights are given).
+    `taps`, a list, receives the attention output before the ReLU (where the kinks are)."""
     b, c, h, w = x.shape
     p = gn_weight.shape[0]
     x1 = F.group_norm(x[:, :p], 1, gn_weight, gn_bias, 1e-5)
@@ -36,6 +37,8 @@ def stock(x, qk, residual, gn_weight, gn_bias, qkv_weight, proj_weight, qkv_bias
     q, k, v = a.flatten(2).split([qk, qk, p], 1)
     attn = ((q.transpose(-2, -1) @ k) * qk ** -0.5).softmax(-1)
     o = (v @ attn.transpose(-2, -1)).reshape(b, p, h, w)
+    if taps is not None:
+        taps.append(o)
     y = F.conv2d(torch.cat([o, x[:, p:]], 1).relu(), proj_weight[:, :, None, None], proj_bias)
     if proj_bn_weight is not None:
         y = F.batch_norm(y, None, None, proj_bn_weight, proj_bn_bias, True, 0.0, 1e-5)
