@@ -1,19 +1,22 @@
 """convert(model): swap stock SHViT modules for fused drop-ins in place; state_dict keys and values unchanged
-(the fused modules adopt the stock modules' own parameters and buffers)."""
+(the fused modules adopt the stock modules' own parameters and buffers). convert(model, inference=True)
+then folds every BatchNorm for deployment (the official SHViT deploy layout and keys)."""
 from __future__ import annotations
 
 import warnings
 
 from torch import nn
 
-from .nn import SHSA, FusedPatchMerging, ResidualDWConvBN, ResidualSHSA, is_depthwise, is_patch_merging, \
-    is_residual, is_shsa
+from .nn import SHSA, FusedPatchMerging, ResidualDWConvBN, ResidualSHSA, is_conv_bn, is_depthwise, \
+    is_patch_merging, is_residual, is_shsa
+from .nn.folded import DWConv, FoldedPatchMerging, FoldedResidualSHSA, FoldedSHSA, fold_bn_linear, fold_conv_bn
 
 _FUSED = (SHSA, ResidualSHSA, ResidualDWConvBN, FusedPatchMerging)
+_FOLDED = (DWConv, FoldedSHSA, FoldedResidualSHSA, FoldedPatchMerging)
 
 
 def _replacement(m: nn.Module) -> nn.Module | None:
-    if isinstance(m, _FUSED):  # already converted: convert() is idempotent
+    if isinstance(m, _FUSED + _FOLDED):  # already converted: convert() is idempotent
         return None
     if is_residual(m) and is_shsa(m.m):
         return ResidualSHSA.from_module(m)
@@ -26,28 +29,67 @@ def _replacement(m: nn.Module) -> nn.Module | None:
     return None
 
 
-def _convert(parent: nn.Module) -> int:
+def _is_bn_linear(m: nn.Module) -> bool:
+    """BatchNorm1d `bn` then Linear `l` (official BN_Linear, timm NormLinear: the classifier heads)."""
+    return isinstance(getattr(m, "bn", None), nn.BatchNorm1d) and isinstance(getattr(m, "l", None), nn.Linear) \
+        and len(list(m.children())) == 2
+
+
+def _folded(m: nn.Module) -> nn.Module | None:
+    """The deploy form of a fused module (run after the swap, so stock SHSA / PatchMerging are fused ones)."""
+    if isinstance(m, _FOLDED):
+        return None
+    if isinstance(m, ResidualSHSA):
+        return FoldedResidualSHSA(FoldedSHSA.from_module(m.m))
+    if isinstance(m, SHSA):
+        return FoldedSHSA.from_module(m)
+    if isinstance(m, ResidualDWConvBN):
+        return fold_conv_bn(m.m, identity=True)
+    if isinstance(m, FusedPatchMerging):
+        return FoldedPatchMerging.from_module(m, m._act1)
+    if is_conv_bn(m):  # stem, FFN, any other conv-BN pair (a depthwise one becomes a fused DWConv)
+        return fold_conv_bn(m)
+    if _is_bn_linear(m):
+        return fold_bn_linear(m)
+    return None
+
+
+def _swap(parent: nn.Module, replacement) -> int:
     count = 0
     for name, child in parent.named_children():
-        new = _replacement(child)
+        new = replacement(child)
         if new is None:
-            count += _convert(child)
+            count += _swap(child, replacement)
         else:
             setattr(parent, name, new)
             count += 1
     return count
 
 
-def convert(model: nn.Module) -> nn.Module:
+def convert(model: nn.Module, inference: bool = False) -> nn.Module:
     """Replace every fusable module of an official-layout or timm SHViT (or any model holding its blocks) in place.
 
-    Swaps Residual(SHSA), SHSA, Residual(depthwise Conv2d_BN) and PatchMerging for their fused drop-ins.
-    Returns the model; warns and returns it unchanged when nothing was fusable.
+    Swaps Residual(SHSA), SHSA, Residual(depthwise Conv2d_BN) and PatchMerging for their fused drop-ins, with
+    the same state_dict keys and values. Returns the model; warns and returns it unchanged when nothing was
+    fusable.
+
+    inference=True (deployment): additionally folds every BatchNorm from its running statistics, once, and
+    returns the model in eval mode. Every Conv2d_BN becomes a Conv2d with bias (a depthwise one a fused
+    `DWConv`), each residual depthwise block one DWConv with the identity in its centre tap, BN_Linear a
+    Linear, SHSA a `FoldedSHSA` on the fused op. Outputs equal the stock model's in eval mode. The state_dict
+    keys CHANGE (no `bn.*`, `c.weight` -> `weight` + `bias`): they are those of the official SHViT deploy model
+    (its `replace_batchnorm`). The folded model is meant for inference; training it trains the BN-free network.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     if _replacement(model) is not None:
         raise TypeError("convert: pass the model that holds the block, not the block itself "
                         "(or use the drop-in's from_module)")
-    if _convert(model) == 0:
+    count = _swap(model, _replacement)
+    if inference:
+        count += _swap(model, _folded)
+        model.eval()
+    if count == 0:
         warnings.warn("shvit_kernels.convert: nothing to convert in this model; returned unchanged", UserWarning,
                       stacklevel=2)
     return model
