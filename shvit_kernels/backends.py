@@ -4,6 +4,11 @@ Backends: "reference" (pure PyTorch, everywhere), "cpu" (C++ kernels of the exte
 (CUDA tensors; CPU tensors too under TRITON_INTERPRET=1), "cuda" (hand-written CUDA kernels), and
 "auto" (the default: the fastest available for the device). `SHVIT_KERNELS_BACKEND` sets the default;
 `use_backend(name)` overrides it for the current thread / task (a ContextVar, so threads don't race).
+
+Thread safety: the per-call fast path is one dict lookup; a miss (first use of an (op, setting, device, dtype))
+resolves under a lock, so concurrent first calls choose and import once and all get the same implementation.
+Triton kernels on CPU tensors run under Triton's interpreter, which keeps global state (the current program id,
+its patches of triton.language), so those calls are serialised.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import threading
 from typing import Iterator
 
 import torch
@@ -39,15 +45,35 @@ class Kernel:
     dtypes: frozenset[torch.dtype]
 
     def resolve(self) -> object:
-        if isinstance(self.impl, str):  # lazy: e.g. Triton modules are imported only when first called
-            self.impl = importlib.import_module(self.impl)
-        return self.impl
+        impl = self.impl  # read once: another thread may replace the name by the module meanwhile
+        if isinstance(impl, str):  # lazy: e.g. Triton modules are imported only when first called
+            impl = self.impl = importlib.import_module(impl)
+        return impl
+
+
+class _Serialized:
+    """`impl`'s functions, called one thread at a time (for Triton's interpreter: see the module docstring)."""
+
+    _lock = threading.RLock()  # one for all ops: the interpreter's state is global
+
+    def __init__(self, impl: object):
+        self._impl = impl
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._impl, name)  # looked up per call: tests may patch the module's attributes
+
+        def call(*args, **kwargs):
+            with self._lock:
+                return fn(*args, **kwargs)
+        return call
 
 
 _kernels: dict[tuple[str, str], Kernel] = {}
-# (op, asked, device type, dtype) -> Kernel: availability is fixed per process, so a choice never changes
-# unless a kernel is registered (which clears it). Keeps the per-call cost of dispatch to a dict lookup.
-_chosen: dict[tuple, Kernel] = {}
+# (op, asked, device type, dtype) -> the implementation to call: availability is fixed per process, so a choice
+# never changes unless a kernel is registered (which clears it). Keeps the per-call cost of dispatch to a dict
+# lookup; misses fill it under _lock.
+_chosen: dict[tuple, object] = {}
+_lock = threading.RLock()
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("shvit_backend", default=None)
 
 
@@ -116,8 +142,9 @@ def register(op: str, backend: str, impl: object, devices: tuple[str, ...], dtyp
     """`impl` (an object with the op's functions, or a module path) runs `op` on `backend` for tensors
     on `devices` with `dtypes`."""
     assert backend in NAMES, backend
-    _kernels[(op, backend)] = Kernel(impl, frozenset(devices), frozenset(dtypes))
-    _chosen.clear()
+    with _lock:
+        _kernels[(op, backend)] = Kernel(impl, frozenset(devices), frozenset(dtypes))
+        _chosen.clear()
 
 
 def _supports(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
@@ -160,8 +187,15 @@ def kernel(op: str, x: torch.Tensor):
     key = (op, _override.get() or os.environ.get(ENV_VAR), x.device.type, x.dtype)
     found = _chosen.get(key)
     if found is None:
-        found = _chosen[key] = _kernels[(op, choose(op, x.device, x.dtype)[0])]
-    return found.resolve()
+        with _lock:  # first use: choose and import once, even when threads race here
+            found = _chosen.get(key)
+            if found is None:
+                name = choose(op, x.device, x.dtype)[0]
+                found = _kernels[(op, name)].resolve()
+                if name == "triton" and x.device.type == "cpu":  # the interpreter
+                    found = _Serialized(found)
+                _chosen[key] = found
+    return found
 
 
 def implementations(op: str) -> list[str]:

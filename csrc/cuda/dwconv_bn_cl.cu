@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(Args a, Geom g, bool vec
 
   const T* x = static_cast<const T*>(a.x);
   const int64_t hw = a.Ho * a.Wo, p_end = min(a.s.B * hw, (blockIdx.x + int64_t{1}) * g.ppb);
-  for (int64_t p = blockIdx.x * g.ppb + ty; nc > 0 && p < p_end; p += g.by) {
+  for (int64_t p = int64_t{blockIdx.x} * g.ppb + ty; nc > 0 && p < p_end; p += g.by) {
     const int64_t b = p / hw, oh = p % hw / a.Wo, ow = p % a.Wo;
     float z[V] = {}, xc[V] = {};
 #pragma unroll 1  // rows stay a loop (compile time of the 48 instantiations); the unrolled columns give the ILP
@@ -220,7 +220,7 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(Args a, Geom g, bool vec
   if constexpr (M == Mode::kStats) {
     reduce_lanes<Welford, V>(st, reinterpret_cast<Welford*>(smem4), g);
     if (ty == 0) {
-      const int64_t plane = int64_t{gridDim.x} * C, i = blockIdx.x * C + c0;
+      const int64_t plane = int64_t{gridDim.x} * C, i = int64_t{blockIdx.x} * C + c0;
       for (int v = 0; v < nc; ++v) {
         a.part[i + v] = st[v].n;
         a.part[plane + i + v] = st[v].mean;
@@ -231,8 +231,8 @@ __global__ void __launch_bounds__(kThreads) conv_kernel(Args a, Geom g, bool vec
     reduce_lanes<float2, V>(sums, reinterpret_cast<float2*>(smem4), g);
     if (ty == 0)
       for (int v = 0; v < nc; ++v) {
-        a.part[blockIdx.x * 2 * C + c0 + v] = sums[v].x;
-        a.part[blockIdx.x * 2 * C + C + c0 + v] = sums[v].y;
+        a.part[int64_t{blockIdx.x} * 2 * C + c0 + v] = sums[v].x;
+        a.part[int64_t{blockIdx.x} * 2 * C + C + c0 + v] = sums[v].y;
       }
   }
 }
@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(kThreads) grad_x_kernel(Args a, Geom g, bool v
   __syncthreads();
 
   const int64_t hw = a.s.H * a.s.W, p_end = min(a.s.B * hw, (blockIdx.x + int64_t{1}) * g.ppb);
-  for (int64_t p = blockIdx.x * g.ppb + ty; nc > 0 && p < p_end; p += g.by) {
+  for (int64_t p = int64_t{blockIdx.x} * g.ppb + ty; nc > 0 && p < p_end; p += g.by) {
     const int64_t b = p / hw, ih = p % hw / a.s.W, iw = p % a.s.W;
     float acc[V] = {};
 #pragma unroll 1

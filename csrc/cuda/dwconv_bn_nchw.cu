@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(256) conv_kernel(Args a, Tile t) {
     __shared__ Welford scratch[8];
     const Welford w = segment_reduce(valid ? Welford{1.f, z, 0.f} : Welford{0.f, 0.f, 0.f}, L, scratch);
     if (threadIdx.x % L == 0 && c < C) {
-      const int64_t plane = int64_t{gridDim.x} * C, i = blockIdx.x * C + c;
+      const int64_t plane = int64_t{gridDim.x} * C, i = int64_t{blockIdx.x} * C + c;
       a.part[i] = w.n;
       a.part[plane + i] = w.mean;
       a.part[2 * plane + i] = w.m2;
@@ -98,8 +98,8 @@ __global__ void __launch_bounds__(256) conv_kernel(Args a, Tile t) {
       __shared__ float2 scratch[8];
       const float2 v = segment_reduce(make_float2(g, g * zhat), L, scratch);
       if (threadIdx.x % L == 0 && c < C) {
-        a.part[blockIdx.x * 2 * C + c] = v.x;
-        a.part[blockIdx.x * 2 * C + C + c] = v.y;
+        a.part[int64_t{blockIdx.x} * 2 * C + c] = v.x;
+        a.part[int64_t{blockIdx.x} * 2 * C + C + c] = v.y;
       }
     } else if (valid) {
       const float count = static_cast<float>(a.s.B * a.Ho * a.Wo);
@@ -161,7 +161,7 @@ __global__ void __launch_bounds__(256) grad_w_kernel(Args a) {
   float acc[K * K];
 #pragma unroll
   for (int i = 0; i < K * K; ++i) acc[i] = 0.f;
-  for (int64_t e = blockIdx.y * int64_t{blockDim.x} + threadIdx.x; e < total; e += int64_t{gridDim.y} * blockDim.x) {
+  for (int64_t e = int64_t{blockIdx.y} * blockDim.x + threadIdx.x; e < total; e += int64_t{gridDim.y} * blockDim.x) {
     const int64_t b = e / n, oh = e % n / a.Wo, ow = e % a.Wo;
     const float d = a.dz[(b * C + c) * n + oh * a.Wo + ow];
 #pragma unroll

@@ -24,7 +24,7 @@ __device__ V reduce_column(int64_t S, V init, Load load) {
 
 __global__ void __launch_bounds__(kCols * kRows) sum_kernel(const float* __restrict__ part, int64_t S, int64_t R,
                                                             float* __restrict__ out) {
-  const int64_t r = blockIdx.x * int64_t{kCols} + threadIdx.x;
+  const int64_t r = int64_t{blockIdx.x} * kCols + threadIdx.x;
   const float v = reduce_column(S, 0.f, [&](int64_t s) { return r < R ? part[s * R + r] : 0.f; });
   if (threadIdx.y == 0 && r < R) out[r] = v;
 }
@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kCols * kRows) sum_kernel(const float* __restr
 __global__ void __launch_bounds__(kCols * kRows) welford_kernel(const float* __restrict__ part, int64_t S,
                                                                 int64_t R, float* __restrict__ mean,
                                                                 float* __restrict__ var) {
-  const int64_t r = blockIdx.x * int64_t{kCols} + threadIdx.x;
+  const int64_t r = int64_t{blockIdx.x} * kCols + threadIdx.x;
   const int64_t plane = S * R;
   const Welford w = reduce_column(S, Welford{0.f, 0.f, 0.f}, [&](int64_t s) {
     const int64_t i = s * R + r;

@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kThreads) gn_stats_kernel(Dims d, const T* x, 
   for (int64_t e = e0 + threadIdx.x; e < e1; e += kThreads) push(w, ld(xb + e));
   w = segment_reduce(w, kThreads, scratch);
   if (threadIdx.x == 0) {
-    const int64_t plane = int64_t{gridDim.x} * d.B, i = blockIdx.x * d.B + b;
+    const int64_t plane = int64_t{gridDim.x} * d.B, i = int64_t{blockIdx.x} * d.B + b;
     part[i] = w.n;
     part[plane + i] = w.mean;
     part[2 * plane + i] = w.m2;

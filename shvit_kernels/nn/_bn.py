@@ -33,19 +33,26 @@ class FoldCache:
     """Caches `fold()` of a module's parameters and buffers until one of them changes.
 
     Re-folds when any tensor's version counter, storage, dtype or device changes (optimizer steps,
-    load_state_dict, .to()). Autograd through the fold (parameters requiring grad with grad enabled)
-    and tracing under torch.compile always re-fold: the fold is a few tiny per-channel ops.
+    load_state_dict, .to()), or any of `key` changes (the dtype the fold casts to: the input's). Autograd
+    through the fold (parameters requiring grad with grad enabled) and tracing under torch.compile always
+    re-fold: the fold is a few tiny per-channel ops.
     """
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._value = None
+        # (key, value), replaced whole: threads sharing a module never pair a value with another fold's key
+        self._entry: tuple[tuple, object] | None = None
 
-    def get(self, tensors: list[torch.Tensor], fold: Callable[[], object]):
+    @property
+    def _key(self) -> tuple | None:
+        entry = self._entry
+        return entry[0] if entry is not None else None
+
+    def get(self, tensors: list[torch.Tensor], fold: Callable[[], object], *key):
         differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
         if differentiable or torch.compiler.is_compiling():
             return fold()
-        key = tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors)
-        if key != self._key:
-            self._value, self._key = fold(), key
-        return self._value
+        key = (*key, *((t._version, t.data_ptr(), t.dtype, t.device) for t in tensors))
+        entry = self._entry  # read once
+        if entry is None or entry[0] != key:
+            entry = self._entry = (key, fold())
+        return entry[1]

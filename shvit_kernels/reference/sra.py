@@ -127,10 +127,37 @@ def reduce_bwd(g_red, x, h, w, sr_w, sr_b, ln_w, ln_b, eps, sr_ratio, linear):
         gz, pooled, _acc(sr_w), [c], [1 if linear else sr_ratio] * 2, [0, 0], [1, 1], False, [0, 0], 1,
         [True, True, True])
     if linear:
-        g_in = torch.ops.aten._adaptive_avg_pool2d_backward(g_in, img)
+        g_in = adaptive_avg_pool2d_backward(g_in, img)
     gx = g_in.reshape(b, c, h * w).transpose(1, 2)
     return (gx.to(x.dtype), g_sr_w.to(sr_w.dtype), g_sr_b.to(sr_b.dtype), g_ln_w.to(ln_w.dtype),
             g_ln_b.to(ln_b.dtype))
+
+
+def _pool_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in) averaging matrix of adaptive average pooling along one axis: row i averages inputs
+    floor(i * n_in / n_out) .. ceil((i + 1) * n_in / n_out) - 1, as ATen's bins."""
+    i = torch.arange(n_out, device=like.device)
+    start, end = (i * n_in) // n_out, ((i + 1) * n_in + n_out - 1) // n_out
+    j = torch.arange(n_in, device=like.device)
+    inside = (j >= start[:, None]) & (j < end[:, None])
+    return inside.to(like.dtype) / (end - start).to(like.dtype)[:, None]
+
+
+def adaptive_avg_pool2d_backward(g: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. img of adaptive_avg_pool2d(img, g.shape[-2:]), from the pooled grad g.
+
+    ATen's CUDA kernel scatters with atomicAdd and raises under torch.use_deterministic_algorithms(True); there
+    (and only there) the gradient is computed as Ph^T g Pw with the pooling matrices instead: fixed-order GEMMs."""
+    if not (img.is_cuda and torch.are_deterministic_algorithms_enabled()):
+        return torch.ops.aten._adaptive_avg_pool2d_backward(g, img)
+    return adaptive_avg_pool2d_backward_gemm(g, img)
+
+
+def adaptive_avg_pool2d_backward_gemm(g: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+    """adaptive_avg_pool2d_backward through the pooling matrices (deterministic on every device)."""
+    (h, w), (ho, wo) = img.shape[-2:], g.shape[-2:]
+    ph, pw = _pool_matrix(h, ho, g), _pool_matrix(w, wo, g)
+    return (ph.t() @ g @ pw).to(img.dtype)
 
 
 def _heads(t, num_heads):  # (B, L, C) -> (B, heads, L, C // heads)

@@ -46,12 +46,25 @@ def _ptrs(ptr, b, c, h, w, sb, sc, sh, sw):
 
 
 @triton.jit
+def _tap_off(dh, dw, sh, sw):
+    # Offset of the pixel (dh, dw) away, in int64: a row stride times k // 2 may pass 2**31.
+    return dh * tl.cast(sh, tl.int64) + dw * tl.cast(sw, tl.int64)
+
+
+@triton.jit
+def _count(P, n_tiles, HWo, ACC: tl.constexpr):
+    # Values per channel, B * Ho * Wo (P = B * n_tiles partials), in ACC: the int32 product would overflow once
+    # B * Ho * Wo passes 2**31 (tl.cast also takes the ints Triton specialises to constexprs).
+    return tl.cast(P // n_tiles, ACC) * HWo
+
+
+@triton.jit
 def _load_tap(xc, ih0, iw0, c_mask, hw_mask, H, W, sxh, sxw, dh, dw, ACC: tl.constexpr):
     # xc points at input pixel (ih0, iw0) = (oh, ow) * stride; a tap is a scalar offset from it.
     ih = ih0 + dh
     iw = iw0 + dw
     ok = hw_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    return tl.load(xc + (dh * sxh + dw * sxw), mask=c_mask[:, None] & ok[None, :], other=0.0).to(ACC)
+    return tl.load(xc + _tap_off(dh, dw, sxh, sxw), mask=c_mask[:, None] & ok[None, :], other=0.0).to(ACC)
 
 
 @triton.jit
@@ -97,7 +110,7 @@ def _fwd_eval_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, C, H, W, Ho, Wo, n_tiles, n_
     z = _dwconv(x_ptr, w_ptr, b, c, cm, oh, ow, pm, H, W, sxb, sxc, sxh, sxw, K, STRIDE, ACC, BLOCK_C, BLOCK_HW)
     z += tl.load(bias_ptr + c, mask=cm, other=0.0).to(ACC)[:, None]
     if RELU:
-        z = tl.maximum(z, 0.0)
+        z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as torch
     tl.store(_ptrs(y_ptr, b, c, oh, ow, syb, syc, syh, syw), z.to(y_ptr.dtype.element_ty),
              mask=cm[:, None] & pm[None, :])
 
@@ -163,7 +176,7 @@ def _fwd_apply_kernel(x_ptr, w_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, y_ptr, 
     if RESIDUAL:  # stride 1: output pixel == input pixel
         y += tl.load(_ptrs(x_ptr, b, c, oh, ow, sxb, sxc, sxh, sxw), mask=mask, other=0.0).to(ACC)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.maximum(y, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(_ptrs(y_ptr, b, c, oh, ow, syb, syc, syh, syw), y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -200,21 +213,21 @@ def _bwd_dz_kernel(gy_ptr, y_ptr, x_ptr, w_ptr, mean_ptr, var_ptr, bnw_ptr, sg_p
     z = _dwconv(x_ptr, w_ptr, b, c, cm, oh, ow, pm, H, W, sxb, sxc, sxh, sxw, K, STRIDE, ACC, BLOCK_C, BLOCK_HW)
     rstd = _rstd(var_ptr, c, cm, eps)
     zhat = (z - tl.load(mean_ptr + c, mask=cm, other=0.0)[:, None]) * rstd[:, None]
-    # count B * Ho * Wo (P = B * n_tiles) in ACC; added to zeros since the ints may be specialized constexprs
-    count = tl.zeros([BLOCK_C], ACC) + (P // n_tiles) * (Ho * Wo)
+    count = _count(P, n_tiles, Ho * Wo, ACC)
     mg = tl.load(sg_ptr + c, mask=cm, other=0.0) / count
     mgz = tl.load(sgz_ptr + c, mask=cm, other=0.0) / count
     a = rstd * tl.load(bnw_ptr + c, mask=cm, other=0.0).to(ACC)
     dz = tl.where(mask, a[:, None] * (g - mg[:, None] - zhat * mgz[:, None]), 0.0)
     tl.store(_ptrs(dz_ptr, b, c, oh, ow, sdb, sdc, sdh, sdw), dz.to(dz_ptr.dtype.element_ty), mask=mask)
-    row = (c.to(tl.int64) * (K * K)) * P + (b * n_tiles + t)
+    P64 = tl.cast(P, tl.int64)  # the tap's partials start at (c * K * K + tap) * P: past 2**31 for large inputs
+    row = (c.to(tl.int64) * (K * K)) * P64 + (b * n_tiles + t)
     ih0 = oh * STRIDE
     iw0 = ow * STRIDE
     xc = _ptrs(x_ptr, b, c, ih0, iw0, sxb, sxc, sxh, sxw)
     for kh in range(K):  # runtime loop: see _dwconv
         for kw in tl.static_range(K):
             xv = _load_tap(xc, ih0, iw0, cm, pm, H, W, sxh, sxw, kh - K // 2, kw - K // 2, ACC)
-            tl.store(pgw_ptr + row + (kh * K + kw) * P, tl.sum(dz * xv, axis=1), mask=cm)
+            tl.store(pgw_ptr + row + (kh * K + kw) * P64, tl.sum(dz * xv, axis=1), mask=cm)
 
 
 @triton.jit
@@ -243,7 +256,7 @@ def _bwd_dx_kernel(dz_ptr, w_ptr, gy_ptr, y_ptr, gx_ptr, C, H, W, Ho, Wo, n_tile
                 ok = ok & (tw % STRIDE == 0)
                 d_ptr = d_row + (ow.to(tl.int64) * sdw)[None, :]
             else:  # a scalar offset from the centre pointer: fewer 64-bit adds and registers
-                d_ptr = d_ctr + ((K // 2 - kh) * sdh + (K // 2 - kw) * sdw)
+                d_ptr = d_ctr + _tap_off(K // 2 - kh, K // 2 - kw, sdh, sdw)
             wv = tl.load(w_ptr + c * (K * K) + (kh * K + kw), mask=cm, other=0.0).to(ACC)
             d = tl.load(d_ptr, mask=cm[:, None] & ok[None, :], other=0.0)
             acc += wv[:, None] * d.to(ACC)
@@ -305,6 +318,11 @@ class _Grid:
         self.P = B * self.n_tiles  # partials per channel
         self.grid = (B * self.n_cblk * self.n_tiles,)
         self.meta = {"BLOCK_C": self.block_c, "BLOCK_HW": self.block_hw, "num_warps": _WARPS}
+        # Program ids, pixel indices within a plane and tile indices are int32 in the kernels (every element
+        # offset is int64): what they count must fit. Past this the input would be > 2**31 pixels per plane, or
+        # > 2**40 elements.
+        if hw + self.block_hw >= 2**31 or self.grid[0] >= 2**31:
+            raise ValueError(f"dwconv_bn (triton): input too large to tile: B={B}, C={C}, H*W={h}*{w}")
 
 
 def _out_hw(x: torch.Tensor, stride: int) -> tuple[int, int]:

@@ -55,16 +55,23 @@ _WGRAD_PROGRAMS = 264  # weight-grad programs wanted on a GPU (2 per H100 SM); s
 # ---- device helpers ----------------------------------------------------------------------------------------
 
 @triton.jit
+def _at(s, R, r):
+    # Offset of entry r of row s of a row-major (S, R) buffer, in int64: the partial buffers hold
+    # ~B*C*N / BLOCK_T entries, past 2**31 for inputs of ~2**36 elements (tl.cast: s may be a constexpr)
+    return tl.cast(s, tl.int64) * R + r
+
+
+@triton.jit
 def _rows(ptr, b, r, t, R, N):
-    # [len(r), len(t)] pointers: rows r, tokens t of sample b of a contiguous (B, R, N) tensor; int64 because
-    # B*R*N may exceed 2**31
-    return ptr + ((b * R + r).to(tl.int64) * N)[:, None] + t[None, :]
+    # [len(r), len(t)] pointers: rows r, tokens t of sample b of a contiguous (B, R, N) tensor; int64 from the
+    # sample index on: B*R*N (and B*R) may exceed 2**31
+    return ptr + (_at(b, R, r) * N)[:, None] + t[None, :]
 
 
 @triton.jit
 def _rows_t(ptr, b, r, t, R, N):
     # the same, transposed: [len(t), len(r)]
-    return ptr + ((b * R + r).to(tl.int64) * N)[None, :] + t[:, None]
+    return ptr + (_at(b, R, r) * N)[None, :] + t[:, None]
 
 
 @triton.jit
@@ -134,7 +141,7 @@ def _load_u(o_ptr, x_ptr, b, j, t, tm, C, P, N):
     from_x = ((j >= P) & (j < C))[:, None] & tm[None, :]
     u = tl.load(_rows(o_ptr, b, j, t, P, N), mask=from_o, other=0.0) \
         + tl.load(_rows(x_ptr, b, j, t, C, N), mask=from_x, other=0.0)
-    return tl.maximum(u, 0.0)
+    return tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as torch
 
 
 @triton.jit
@@ -160,10 +167,11 @@ def _welford_partial(part_ptr, s, S, R, r, rm, v, mask, n):
     # (mean, M2, count) of the valid entries of each row of v (invalid entries hold 0) at [., s, r] of (3, S, R)
     mean = tl.sum(v, axis=1) / n
     d = tl.where(mask, v - mean[:, None], 0.0)
-    off = s * R + r
+    off = _at(s, R, r)
+    plane = _at(S, R, 0)
     tl.store(part_ptr + off, mean, mask=rm)
-    tl.store(part_ptr + S * R + off, tl.sum(d * d, axis=1), mask=rm)
-    tl.store(part_ptr + 2 * S * R + off, tl.zeros_like(mean) + n, mask=rm)
+    tl.store(part_ptr + plane + off, tl.sum(d * d, axis=1), mask=rm)
+    tl.store(part_ptr + 2 * plane + off, tl.zeros_like(mean) + n, mask=rm)
 
 
 # ---- reductions ------------------------------------------------------------------------------------------
@@ -179,13 +187,14 @@ def _welford_kernel(part_ptr, mean_ptr, var_ptr, S, R, ACC: tl.constexpr, BLOCK_
     n_a = tl.zeros([BLOCK_R], ACC)
     mean_a = tl.zeros([BLOCK_R], ACC)
     m2_a = tl.zeros([BLOCK_R], ACC)
+    plane = _at(S, R, 0)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = (s < S)[:, None]
-        off = s[:, None] * R + r_in[None, :]
+        off = _at(s[:, None], R, r_in[None, :])
         mu = tl.load(part_ptr + off, mask=mask, other=0.0)
-        m2 = tl.load(part_ptr + S * R + off, mask=mask, other=0.0)
-        n = tl.load(part_ptr + 2 * S * R + off, mask=mask, other=0.0)
+        m2 = tl.load(part_ptr + plane + off, mask=mask, other=0.0)
+        n = tl.load(part_ptr + 2 * plane + off, mask=mask, other=0.0)
         n_b = tl.sum(n, axis=0)
         mean_b = tl.sum(n * mu, axis=0) / n_b
         d = mu - mean_b[None, :]
@@ -207,8 +216,7 @@ def _sum_kernel(part_ptr, out_ptr, S, R, ACC: tl.constexpr, BLOCK_S: tl.constexp
     acc = tl.zeros([BLOCK_S, BLOCK_R], ACC)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        acc += tl.load(part_ptr + s[:, None].to(tl.int64) * R + r[None, :], mask=(s < S)[:, None] & rm[None, :],
-                       other=0.0)
+        acc += tl.load(part_ptr + _at(s[:, None], R, r[None, :]), mask=(s < S)[:, None] & rm[None, :], other=0.0)
     tl.store(out_ptr + r, tl.sum(acc, axis=0), mask=rm)
 
 
@@ -229,10 +237,11 @@ def _gn_stats_kernel(x_ptr, part_ptr, C, P, N, n_tblk, B, S, ACC: tl.constexpr, 
     n = (tl.minimum(P - cb * BLOCK_C, BLOCK_C) * tl.minimum(N - tb * BLOCK_T, BLOCK_T)).to(ACC)
     mean = tl.sum(tl.sum(v, axis=1), axis=0) / n
     d = tl.where(mask, v - mean, 0.0)
-    off = (cb * n_tblk + tb) * B + b
+    off = _at(cb * n_tblk + tb, B, b)
+    plane = _at(S, B, 0)
     tl.store(part_ptr + off, mean)
-    tl.store(part_ptr + S * B + off, tl.sum(tl.sum(d * d, axis=1), axis=0))
-    tl.store(part_ptr + 2 * S * B + off, n)
+    tl.store(part_ptr + plane + off, tl.sum(tl.sum(d * d, axis=1), axis=0))
+    tl.store(part_ptr + 2 * plane + off, n)
 
 
 @triton.jit
@@ -343,8 +352,8 @@ def _proj_kernel(o_ptr, x_ptr, w_ptr, swc, swj, bias_ptr, y_ptr, part_ptr, g_ptr
         g = tl.load(_rows(g_ptr, b, c, t, C, N), mask=mask, other=0.0).to(ACC)
         zhat = tl.where(mask, (acc - tl.load(mean_ptr + c, mask=cm, other=0.0)[:, None])
                         * _rstd(var_ptr, c, cm, eps)[:, None], 0.0)
-        tl.store(part_ptr + bt * (2 * C) + c, tl.sum(g, axis=1), mask=cm)
-        tl.store(part_ptr + bt * (2 * C) + C + c, tl.sum(g * zhat, axis=1), mask=cm)
+        tl.store(part_ptr + _at(bt, 2 * C, c), tl.sum(g, axis=1), mask=cm)
+        tl.store(part_ptr + _at(bt, 2 * C, C + c), tl.sum(g * zhat, axis=1), mask=cm)
     tl.store(_rows(y_ptr, b, c, t, C, N), acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -402,7 +411,7 @@ def _wgrad_kernel(g_ptr, z_ptr, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps, count
     tl.store(part_ptr + off[:, None] + k[None, :], acc, mask=rm[:, None] & km[None, :])
     if ROWSUM:  # noqa: SIM102 (a compile-time test, then a runtime one)
         if kb == 0:
-            tl.store(rowsum_ptr + sp * R + r, rs, mask=rm)
+            tl.store(rowsum_ptr + _at(sp, R, r), rs, mask=rm)
 
 
 @triton.jit
@@ -456,11 +465,11 @@ def _store_ga(ga_ptr, part_ptr, g, z_ptr, b, r, rm, t, tm, O, N, s, W2, mean_ptr
     # rows r of ga and this tile's sums: g (qkv bias / BN-bias grad) and, training, g * zhat (BN-weight grad)
     mask = rm[:, None] & tm[None, :]
     tl.store(_rows(ga_ptr, b, r, t, O, N), g.to(ga_ptr.dtype.element_ty), mask=mask)
-    tl.store(part_ptr + s * W2 + r, tl.sum(g, axis=1), mask=rm)
+    tl.store(part_ptr + _at(s, W2, r), tl.sum(g, axis=1), mask=rm)
     if NORM:
         zhat = (tl.load(_rows(z_ptr, b, r, t, O, N), mask=mask, other=0.0).to(ACC)
                 - tl.load(mean_ptr + r, mask=rm, other=0.0)[:, None]) * _rstd(var_ptr, r, rm, eps)[:, None]
-        tl.store(part_ptr + s * W2 + O + r, tl.sum(tl.where(mask, g * zhat, 0.0), axis=1), mask=rm)
+        tl.store(part_ptr + _at(s, W2, O + r), tl.sum(tl.where(mask, g * zhat, 0.0), axis=1), mask=rm)
 
 
 @triton.jit
@@ -545,12 +554,12 @@ def _gn_bwd_dn_kernel(ga_ptr, z_ptr, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps, 
     tl.store(_rows(gx_ptr, b, p, t, C, N), acc.to(gx_ptr.dtype.element_ty), mask=mask)
     xhat = _xhat(x_ptr, b, p, t, mask, C, N, gn_mean_ptr, gn_var_ptr, gn_eps, ACC)
     gx = acc * xhat
-    tl.store(part_ptr + bt * (2 * P) + p, tl.sum(acc, axis=1), mask=pm)
-    tl.store(part_ptr + bt * (2 * P) + P + p, tl.sum(gx, axis=1), mask=pm)
+    tl.store(part_ptr + _at(bt, 2 * P, p), tl.sum(acc, axis=1), mask=pm)
+    tl.store(part_ptr + _at(bt, 2 * P, P + p), tl.sum(gx, axis=1), mask=pm)
     gw = tl.load(gnw_ptr + p, mask=pm, other=0.0).to(ACC)
-    s2 = (tb * n_pblk + pb) * (2 * B)
-    tl.store(spart_ptr + s2 + b, tl.sum(tl.sum(acc, axis=1) * gw, axis=0))
-    tl.store(spart_ptr + s2 + B + b, tl.sum(tl.sum(gx, axis=1) * gw, axis=0))
+    s2 = tb * n_pblk + pb
+    tl.store(spart_ptr + _at(s2, 2 * B, b), tl.sum(tl.sum(acc, axis=1) * gw, axis=0))
+    tl.store(spart_ptr + _at(s2, 2 * B, B + b), tl.sum(tl.sum(gx, axis=1) * gw, axis=0))
 
 
 @triton.jit
@@ -566,8 +575,9 @@ def _gn_bwd_dx_kernel(gx_ptr, x_ptr, gy_ptr, gn_mean_ptr, gn_var_ptr, gnw_ptr, g
     gxhat = tl.load(_rows(gx_ptr, b, p, t, C, N), mask=mask, other=0.0).to(ACC) \
         * tl.load(gnw_ptr + p, mask=pm, other=0.0).to(ACC)[:, None]
     xhat = _xhat(x_ptr, b, p, t, mask, C, N, gn_mean_ptr, gn_var_ptr, gn_eps, ACC)
-    m1 = tl.load(ssum_ptr + b) / (P * N)
-    m2 = tl.load(ssum_ptr + B + b) / (P * N)
+    count = tl.cast(P, ACC) * N  # P * N values per sample, counted in ACC (no int32 product)
+    m1 = tl.load(ssum_ptr + b) / count
+    m2 = tl.load(ssum_ptr + B + b) / count
     gx = (gxhat - m1 - xhat * m2) / tl.sqrt(tl.load(gn_var_ptr + b) + gn_eps)
     if RESIDUAL:
         gx += tl.load(_rows(gy_ptr, b, p, t, C, N), mask=mask, other=0.0).to(ACC)
