@@ -1,23 +1,33 @@
-"""Microbenchmarks behind `python -m shvit_kernels bench`: stock module vs fused drop-in, same run, same inputs.
+"""Op microbenchmarks behind `python -m shvit_kernels bench` and `benchmarks/test_ops.py`: the stock module vs its
+fused drop-in (and optionally torch.compile of the stock one), same run, same weights, same inputs.
 
-Each case builds a stock module with random (non-trivial) weights and BatchNorm statistics, converts a deep copy,
-and times both: eval forward, or training forward+backward. Errors are measured against the stock module run in
-float64 on the same input (the oracle of DESIGN.md).
+Each case builds a stock module with random (non-trivial) weights and BatchNorm statistics and a fused copy, and
+times, per mode of `roofline.MODES`: the eval forward, the training forward (graph built), the backward alone
+(input and weight gradients of a kept graph), and forward + backward. Inputs rotate over enough sets to exceed the
+last-level cache. Errors are measured against the stock module run in float64 on the same input (DESIGN.md's oracle).
+How times, ceilings and % of roofline are obtained: `roofline.py`.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import statistics
+import math
+import platform
+import subprocess
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from . import backends
 from .convert import convert
-from .reference import Residual, SHSA, residual_dwconv
+from .nn import SRA as FusedSRA
+from .reference import SRA, Residual, SHSA, residual_dwconv
+from .roofline import MODES, Ceilings, Cost, dwconv_bn_cost, rotate, rotation_sets, shsa_cost, sra_cost, time_ms
+
+__all__ = ["IMPLS", "MODES", "Case", "Prepared", "Result", "add_compiled", "cases", "compile_module", "environment",
+           "format_table", "prepare", "randomize_bn", "run_case", "table", "time_ms"]
 
 
 @dataclasses.dataclass
@@ -30,9 +40,17 @@ class Result:
     stock_ms: float
     fused_ms: float
     compiled_ms: float | None
-    speedup: float
+    speedup: float                       # stock eager / fused
+    speedup_vs_compiled: float | None    # torch.compile(stock) / fused
     max_err: float
     stock_err: float
+    gflop: float                         # counted work of one call (roofline.py)
+    mbytes: float                        # fewest bytes one call must move, in MB
+    bound: str                           # "memory" or "compute" on this machine's ceilings
+    fused_roofline_pct: float
+    stock_roofline_pct: float
+    compiled_roofline_pct: float | None
+    input_sets: int                      # inputs rotated over, to defeat the cache
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -48,26 +66,17 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def compile_module(m: nn.Module, device: torch.device) -> nn.Module:
+    """torch.compile as the comparison uses it: mode="max-autotune" on CUDA, the default mode on the CPU (where
+    max-autotune's GEMM search costs minutes and has little to choose from)."""
+    # Every benchmark compiles a fresh module of the same classes: past dynamo's recompile limit, later ones would
+    # silently run eager. Start each from an empty cache.
+    torch._dynamo.reset()
+    return torch.compile(m, mode="max-autotune" if device.type == "cuda" else None)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 20, warmup: int = 3) -> float:
-    """Median wall time of fn in ms (CUDA: do_bench's median, which flushes L2 and syncs)."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def _convert_block(stock: nn.Module) -> nn.Module:
+    return convert(nn.Sequential(stock))  # convert() swaps children, so give the block a parent
 
 
 @dataclasses.dataclass
@@ -76,51 +85,120 @@ class Case:
     shape: str
     make_stock: Callable[[], nn.Module]
     input_shape: tuple[int, ...]
+    cost: Callable[[int], dict[str, Cost]]           # bytes per element -> Cost per mode
+    args: tuple = ()                                 # forward arguments after x (SRA's H, W)
+    make_fused: Callable[[nn.Module], nn.Module] = _convert_block
 
 
 def cases(batch: int) -> list[Case]:
-    """The S4 shapes of the issues: stage 1 (224 ch, 16x16 at 256 px) and stage 2 (336 ch, pdim 72, 8x8)."""
+    """SHViT-S4 shapes of the issues, stage 1 (224 ch, 16x16 at 256 px) and stage 2 (336 ch, pdim 72, 8x8), and
+    PVTv2-b1's stage 1 attention (64 ch, 56x56 tokens, one head, sr 8)."""
     return [
-        Case("dwconv_bn", f"{batch}x224x16x16 k3", lambda: residual_dwconv(224), (batch, 224, 16, 16)),
-        Case("shsa", f"{batch}x336x8x8 p72", lambda: Residual(SHSA(336, 16, 72)), (batch, 336, 8, 8)),
+        Case("dwconv_bn", f"{batch}x224x16x16 k3", lambda: residual_dwconv(224), (batch, 224, 16, 16),
+             lambda e: dwconv_bn_cost(batch, 224, 16, 16, 3, 1, e)),
+        Case("shsa", f"{batch}x336x8x8 p72", lambda: Residual(SHSA(336, 16, 72)), (batch, 336, 8, 8),
+             lambda e: shsa_cost(batch, 336, 72, 16, 64, e)),
+        Case("sra", f"{batch}x3136x64 h1 sr8", lambda: SRA(64, 1, qkv_bias=True, sr_ratio=8), (batch, 56 * 56, 64),
+             lambda e: sra_cost(batch, 56 * 56, 64, 1, 8, e), args=(56, 56), make_fused=FusedSRA.from_module),
     ]
 
 
-def _fwd_bwd(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> Callable[[], None]:
+def _bind(m: nn.Module, mode: str, x: torch.Tensor, args: tuple) -> Callable[[], object]:
+    """A call of m on x in `mode`. Gradients go through autograd.grad, so nothing accumulates between calls."""
+    if mode == "eval fwd":
+        return torch.no_grad()(lambda: m(x, *args))
+    x = x.detach().requires_grad_()
+    if mode == "train fwd":
+        return lambda: m(x, *args)
+    wrt = [x, *(p for p in m.parameters() if p.requires_grad)]
+    gy = torch.randn_like(x)  # every case maps its input shape to itself
+    if mode == "train fwd+bwd":
+        return lambda: torch.autograd.grad(m(x, *args), wrt, gy, allow_unused=True)
+    y = m(x, *args)  # "train bwd": one forward per input set, its graph kept for the repeated backward passes
+    return lambda: torch.autograd.grad(y, wrt, gy, retain_graph=True, allow_unused=True)
+
+
+def _under(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with the ops on `backend` (the backward picks its kernels when it runs, so the call must be inside)."""
+    if backend == "auto":
+        return fn
+
     def run():
-        module(x).backward(gy)
+        with backends.use_backend(backend):
+            return fn()
     return run
 
 
-def run_case(case: Case, mode: str, device: torch.device, dtype: torch.dtype, compile_stock: bool,
-             reps: int) -> Result:
+@dataclasses.dataclass
+class Prepared:
+    fns: dict[str, Callable[[], object]]   # one timed call per implementation asked for
+    cost: Cost
+    backend: str                           # what the fused module's op runs on
+    max_err: float
+    stock_err: float
+    input_sets: int
+
+
+IMPLS = ("stock", "fused", "compiled")  # compiled: torch.compile of the stock module (`compile_module`)
+
+
+def prepare(case: Case, mode: str, device: torch.device, dtype: torch.dtype,
+            impls: Sequence[str] = ("stock", "fused"), backend: str = "auto") -> Prepared:
+    """Build stock and fused modules for `case`, check both against the float64 oracle, and bind the timed calls
+    of `impls` (the fused one with its ops on `backend`)."""
+    if mode not in MODES or not set(impls) <= set(IMPLS):
+        raise ValueError(f"mode in {MODES} and impls in {IMPLS}; got {mode!r}, {impls!r}")
     torch.manual_seed(0)
     stock = randomize_bn(case.make_stock()).to(device)
     oracle = copy.deepcopy(stock).double()
-    fused = convert(nn.Sequential(copy.deepcopy(stock))).to(dtype)
+    fused = case.make_fused(copy.deepcopy(stock)).to(dtype)
     stock = stock.to(dtype)
-    train = mode == "train fwd+bwd"
     for m in (stock, fused, oracle):
-        m.train(train)
-    x = torch.randn(case.input_shape, device=device, dtype=dtype)
-    with torch.no_grad():
-        ref = oracle(x.double())
-        err = (fused(x).double() - ref).abs().max().item()
-        stock_err = (stock(x).double() - ref).abs().max().item()
-    compiled = torch.compile(stock, mode="max-autotune") if compile_stock else None
-    if train:
-        xg = x.clone().requires_grad_()
-        gy = torch.randn_like(x)
-        fns = [_fwd_bwd(m, xg, gy) for m in (stock, fused)] + ([_fwd_bwd(compiled, xg, gy)] if compiled is not None else [])
-    else:
-        def infer(m):
-            return lambda: m(x)
-        fns = [torch.no_grad()(infer(m)) for m in (stock, fused)] + ([torch.no_grad()(infer(compiled))] if compiled is not None
-                                                                     else [])
-    times = [time_ms(f, device, reps) for f in fns]
-    return Result(case.op, mode, case.shape, str(dtype).removeprefix("torch."),
-                  backends.choose(case.op, device, dtype)[0], times[0], times[1],
-                  times[2] if compiled is not None else None, times[0] / times[1], err, stock_err)
+        m.train(mode != "eval fwd")
+    elem = torch.finfo(dtype).bits // 8
+    xs = [torch.randn(case.input_shape, device=device, dtype=dtype)
+          for _ in range(rotation_sets(2 * math.prod(case.input_shape) * elem, device))]  # input + output per set
+    with backends.use_backend(backend), torch.no_grad():
+        chosen = backends.choose(case.op, device, dtype)[0]
+        ref = oracle(xs[0].double(), *case.args)
+        err = (fused(xs[0], *case.args).double() - ref).abs().max().item()
+        stock_err = (stock(xs[0], *case.args).double() - ref).abs().max().item()
+    fns = {}
+    for name in impls:
+        m = compile_module(stock, device) if name == "compiled" else fused if name == "fused" else stock
+        on = backend if name == "fused" else "auto"
+        with backends.use_backend(on):  # "train bwd" runs its forward passes here
+            calls = [_bind(m, mode, x, case.args) for x in xs]
+        fns[name] = _under(on, rotate(calls))
+    return Prepared(fns, case.cost(elem)[mode], chosen, err, stock_err, len(xs))
+
+
+def run_case(case: Case, mode: str, device: torch.device, dtype: torch.dtype, compile_stock: bool, reps: int,
+             ceilings: Ceilings, backend: str = "auto") -> Result:
+    """Stock eager vs fused (and torch.compile of the stock module when compile_stock) for one case and mode."""
+    p = prepare(case, mode, device, dtype, IMPLS if compile_stock else IMPLS[:2], backend)
+    ms = {name: time_ms(fn, device, reps) for name, fn in p.fns.items()}
+    r = Result(case.op, mode, case.shape, str(dtype).removeprefix("torch."), p.backend, ms["stock"], ms["fused"],
+               None, ms["stock"] / ms["fused"], None, p.max_err, p.stock_err, p.cost.flops / 1e9, p.cost.bytes / 1e6,
+               ceilings.bound(p.cost), ceilings.pct(p.cost, ms["fused"]), ceilings.pct(p.cost, ms["stock"]), None,
+               p.input_sets)
+    if compile_stock:
+        _fill_compiled(r, ms["compiled"], ceilings)
+    return r
+
+
+def add_compiled(results: Sequence[Result], case: Case, mode: str, device: torch.device, dtype: torch.dtype,
+                 reps: int, ceilings: Ceilings) -> None:
+    """Time torch.compile of the stock module for `case` and `mode` (the compile alone can take minutes, so the CLI
+    runs this after everything else) and fill the compile columns of `results`, rows of that case and mode."""
+    ms = time_ms(prepare(case, mode, device, dtype, ("compiled",)).fns["compiled"], device, reps)
+    for r in results:
+        _fill_compiled(r, ms, ceilings)
+
+
+def _fill_compiled(r: Result, ms: float, ceilings: Ceilings) -> None:
+    r.compiled_ms, r.speedup_vs_compiled = ms, ms / r.fused_ms
+    r.compiled_roofline_pct = ceilings.pct(Cost(r.gflop * 1e9, r.mbytes * 1e6), ms)
 
 
 def dispatch_overhead_us(device: torch.device, reps: int = 2000) -> dict[str, float]:
@@ -161,13 +239,66 @@ def _noop_op():
     return _NOOP_OP
 
 
-def format_table(results: list[Result]) -> str:
-    head = ["op", "mode", "shape", "dtype", "backend", "stock ms", "fused ms", "compile ms", "speedup",
-            "max err", "stock err"]
-    rows = [[r.op, r.mode, r.shape, r.dtype, r.backend, f"{r.stock_ms:.3f}", f"{r.fused_ms:.3f}",
-             "-" if r.compiled_ms is None else f"{r.compiled_ms:.3f}", f"{r.speedup:.2f}x",
-             f"{r.max_err:.1e}", f"{r.stock_err:.1e}"] for r in results]
+def environment(device: torch.device) -> dict[str, object]:
+    """What a result must carry to be compared: device and driver, library versions, CPU threads, date."""
+    env: dict[str, object] = {"device": device.type, "python": platform.python_version(), "torch": torch.__version__,
+                              "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
+                              "arch": platform.machine(),
+                              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device_name=props.name, sm=f"{props.major}.{props.minor}", multiprocessors=props.multi_processor_count,
+                   l2_mib=props.L2_cache_size / 2**20, memory_gib=props.total_memory / 2**30, driver=_driver())
+    else:
+        env["device_name"] = _cpu_name()
+    return env
+
+
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fmt(x: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+def table(head: list[str], rows: list[list[str]], markdown: bool = False) -> str:
+    """A plain-text (or Markdown) table with columns padded to their widest cell."""
     widths = [max(len(str(c)) for c in col) for col in zip(head, *rows)]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in [head, *rows]]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
+    sep, edge = (" | ", "| ") if markdown else (" | ", "")
+    lines = [edge + sep.join(str(c).ljust(w) for c, w in zip(row, widths)) + (" |" if markdown else "")
+             for row in [head, *rows]]
+    rule = ("|" + "|".join("-" * (w + 2) for w in widths) + "|") if markdown else "-+-".join("-" * w for w in widths)
+    lines.insert(1, rule)
     return "\n".join(lines)
+
+
+def format_table(results: list[Result], markdown: bool = False) -> str:
+    head = ["op", "mode", "shape", "dtype", "backend", "eager ms", "compile ms", "fused ms", "vs eager",
+            "vs compile", "fused % roofline", "eager % roofline", "max err", "stock err"]
+    rows = [[r.op, r.mode, r.shape, r.dtype, r.backend, f"{r.stock_ms:.3f}", fmt(r.compiled_ms, ".3f"),
+             f"{r.fused_ms:.3f}", f"{r.speedup:.2f}x", fmt(r.speedup_vs_compiled, ".2f", "x"),
+             f"{r.fused_roofline_pct:.1f}% ({r.bound})", f"{r.stock_roofline_pct:.1f}%", f"{r.max_err:.1e}",
+             f"{r.stock_err:.1e}"] for r in results]
+    return table(head, rows, markdown)

@@ -1,30 +1,70 @@
-"""`python -m shvit_kernels info | bench` run end to end in a subprocess."""
+"""`python -m shvit_kernels info | bench` run end to end in a subprocess (tiny sizes: the flags and the output
+schema are under test here, not the speed)."""
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
+from shvit_kernels.__main__ import main
+
 
 def _run(*args):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "shvit_kernels", *args], capture_output=True, text=True, env=env,
-                          timeout=600, check=True).stdout
+                          timeout=600, check=True)
 
 
 def test_info_lists_backends_and_auto_choices():
-    out = _run("info")
+    out = _run("info").stdout
     for word in ("torch", "reference", "cpu", "triton", "cuda", "auto picks", "dwconv_bn", "shsa"):
         assert word in out
 
 
-def test_bench_prints_table_and_writes_json(tmp_path):
-    path = tmp_path / "bench.json"
-    out = _run("bench", "--batch", "2", "--reps", "2", "--json", str(path))
-    assert "speedup" in out and "dispatch overhead" in out
+def test_bench_ops_and_models_table_json_markdown(tmp_path):
+    path, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    proc = _run("bench", "--device", "cpu", "--batch", "1", "--reps", "1", "--threads", "1", "--ops",
+                "--models", "S1", "--resolution", "32", "--model-batch", "2", "--model-reps", "1", "--progress",
+                "--json", str(path), "--markdown", str(md))
+    out = proc.stdout
+    for word in ("vs eager", "vs compile", "% roofline", "fused vs eager", "dispatch overhead", "cpu threads 1",
+                 "ceilings measured now"):
+        assert word in out, word
+    assert "1/" in proc.stderr  # the progress bar (tqdm or the plain one) goes to stderr
     data = json.loads(path.read_text())
-    ops = {(r["op"], r["mode"]) for r in data["results"]}
-    assert ops == {("dwconv_bn", "eval fwd"), ("dwconv_bn", "train fwd+bwd"), ("shsa", "eval fwd"),
-                   ("shsa", "train fwd+bwd")}
+    assert data["threads"] == data["env"]["threads"] == data["ceilings"]["threads"] == 1
+    assert {"device_name", "torch", "triton", "python", "date"} <= set(data["env"])
+    assert data["ceilings"]["bytes_per_s"] > 0 and data["ceilings"]["flops_per_s"] > 0
+    assert data["errors"] == [] and data["skipped"] == []
+    assert {(r["op"], r["mode"]) for r in data["results"]} == {
+        (op, mode) for op in ("dwconv_bn", "shsa", "sra") for mode in ("eval fwd", "train fwd+bwd")}
     for r in data["results"]:
-        assert r["stock_ms"] > 0 and r["fused_ms"] > 0
+        assert r["stock_ms"] > 0 and r["fused_ms"] > 0 and r["gflop"] > 0 and r["mbytes"] > 0
+        assert r["fused_roofline_pct"] > 0 and r["bound"] in ("memory", "compute")
         assert r["max_err"] <= 2 * r["stock_err"] + 1e-5, r  # fp32 vs the float64 oracle
+    runs = {(m["scenario"], m["variant"]): m for m in data["models"]}
+    assert {s for s, _ in runs} == {"infer b1", "infer batch", "train step"}
+    assert {v for _, v in runs} == {"eager", "timm", "fused"}  # compile variants only with --compile
+    for (_, variant), m in runs.items():
+        assert m["model"] == "S1" and m["resolution"] == 32 and m["batch"] == (1 if m["scenario"] == "infer b1" else 2)
+        if variant != "timm":  # timm may be missing: then skipped, with the reason
+            assert m["ms"] > 0 and m["flops_pct"] > 0 and m["gflop"] > 0, m
+    text = md.read_text()
+    assert "## Ops" in text and "## Models" in text and "ceilings" in text
+
+
+def test_bench_plot_without_matplotlib_is_a_clear_error(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert main(["bench", "--plot", str(tmp_path / "x.png")]) == 2  # before any benchmark runs
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "shvit_kernels[plot]" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_bench_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "speedups.png"
+    _run("bench", "--device", "cpu", "--ops", "shsa", "--mode", "eval fwd", "--batch", "1", "--reps", "1",
+         "--threads", "1", "--plot", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

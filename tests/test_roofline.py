@@ -1,0 +1,40 @@
+"""The benchmarks' method (shvit_kernels/roofline.py): counted FLOPs agree with torch's FlopCounterMode where it is
+right, input rotation, and the roofline arithmetic."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from shvit_kernels import bench, roofline
+
+
+@pytest.mark.parametrize("case", bench.cases(2), ids=lambda c: c.op)
+def test_counted_forward_flops_cover_the_gemms_and_convs(case):
+    m = bench.randomize_bn(case.make_stock()).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        m(torch.randn(case.input_shape), *case.args)
+    counted = case.cost(4)
+    # FlopCounterMode counts convolutions and matrix products only; the hand count adds the elementwise work.
+    assert 1.0 <= counted["eval fwd"].flops / counter.get_total_flops() <= 1.2
+    assert counted["train fwd+bwd"].flops == pytest.approx(3 * counted["eval fwd"].flops)
+    assert counted["train bwd"].bytes > counted["train fwd"].bytes
+
+
+def test_roofline_percent_and_bound():
+    c = roofline.Ceilings("cpu", bytes_per_s=1e10, flops_per_s=1e11, copy_mib=64, matmul="float32 1024^3", threads=1)
+    memory_bound = roofline.Cost(flops=1e8, bytes=1e8)  # 1 ms of FLOPs, 10 ms of bytes
+    assert c.bound(memory_bound) == "memory" and c.floor_ms(memory_bound) == pytest.approx(10)
+    assert c.pct(memory_bound, 20.0) == pytest.approx(50)
+    assert c.bound(roofline.Cost(flops=1e10, bytes=1e6)) == "compute"
+
+
+def test_rotation_exceeds_the_cache_within_bounds():
+    cpu = torch.device("cpu")
+    small = roofline.rotation_sets(1 << 20, cpu, max_sets=1000)
+    assert small * (1 << 20) > 2 * roofline.cache_bytes(cpu)
+    assert roofline.rotation_sets(1 << 10, cpu) <= 32
+    assert roofline.rotation_sets(1 << 40, cpu) == 1
+    calls = []
+    fn = roofline.rotate([lambda i=i: calls.append(i) for i in range(3)])
+    for _ in range(4):
+        fn()
+    assert calls == [0, 1, 2, 0]
