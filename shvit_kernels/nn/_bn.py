@@ -10,7 +10,17 @@ from torch import nn
 
 def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
     """nn.BatchNorm's rule: batch statistics in training, or whenever no running stats are tracked."""
-    return bn.training or bn.running_mean is None
+    batch = bn.training or bn.running_mean is None
+    if batch and isinstance(bn, nn.SyncBatchNorm) and _distributed_world() > 1:
+        # the fused ops reduce statistics over the local batch only: refuse rather than silently differ
+        raise NotImplementedError("fused blocks compute BatchNorm statistics per process; SyncBatchNorm across "
+                                  "ranks is not supported: use the stock model (fused=False) for it")
+    return batch
+
+
+def _distributed_world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops._checks import check_positive_ints, check_same_device, check_tensor
 from ..reference import Conv2d_BN, PatchMerging, Residual
 from ..reference.conv_bn import bn_scale_shift
 from ._bn import FoldCache, update_running_stats, uses_batch_stats
@@ -28,7 +29,7 @@ def dwconv_bn_forward(m: nn.Module, cache: FoldCache, x: torch.Tensor, residual:
             w = w + nn.functional.pad(torch.ones_like(w[..., :1, :1]), [k // 2] * 4)
         return w.to(x.dtype), shift.to(x.dtype)
 
-    w, b = cache.get([conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var], fold)
+    w, b = cache.get([conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var], fold, x.dtype)
     return ops.dwconv_bn(x, w, b, stride, relu)
 
 
@@ -36,6 +37,9 @@ class ResidualDWConvBN(Residual):
     """x + BN(DWConv(x)): drop-in for `Residual(Conv2d_BN(d, d, k, 1, k//2, groups=d))` (keys `m.c`, `m.bn`)."""
 
     def __init__(self, dim: int, ks: int = 3, bn_weight_init: float = 1.0):
+        check_positive_ints("ResidualDWConvBN", dim=dim, ks=ks)
+        if ks % 2 == 0 or ks > 7:
+            raise ValueError(f"ResidualDWConvBN: ks must be odd and at most 7, got {ks}")
         super().__init__(Conv2d_BN(dim, dim, ks, 1, ks // 2, groups=dim, bn_weight_init=bn_weight_init))
         self._fold = FoldCache()
 
@@ -51,6 +55,7 @@ class ResidualDWConvBN(Residual):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x, ndim=4, shape=("B", self.m.c.in_channels, "H", "W"))
         if self.training and self.drop > 0:  # stochastic depth scales the branch alone: no identity fold
             return super().forward(x)
         return dwconv_bn_forward(self.m, self._fold, x, residual=True, relu=False)
@@ -60,6 +65,7 @@ class FusedPatchMerging(PatchMerging):
     """PatchMerging whose stride-2 depthwise Conv2d_BN + ReLU runs as one fused op (same keys)."""
 
     def __init__(self, dim: int, out_dim: int):
+        check_positive_ints("FusedPatchMerging", dim=dim, out_dim=out_dim)
         super().__init__(dim, out_dim)
         self._fold = FoldCache()
         self._act1 = "act"
@@ -79,6 +85,9 @@ class FusedPatchMerging(PatchMerging):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.conv1.c.weight
+        check_tensor("x", x, ndim=4, shape=("B", w.shape[1], "H", "W"))
+        check_same_device("x", x, **{"conv1.c.weight": w})
         x = getattr(self, self._act1)(self.conv1(x))
         x = dwconv_bn_forward(self.conv2, self._fold, x, residual=False, relu=True)
         return self.conv3(self.se(x))

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops._checks import check_tensor
 from ..reference import Residual
 from ..reference import SHSA as StockSHSA
 from ..reference.conv_bn import bn_scale_shift
@@ -18,6 +19,7 @@ def _matrix(conv: nn.Conv2d) -> torch.Tensor:
 
 
 def shsa_forward(m: StockSHSA, cache: FoldCache, x: torch.Tensor, residual: bool) -> torch.Tensor:
+    check_tensor("x", x, ndim=4, shape=("B", m.dim, "H", "W"))
     qkv, proj = m.qkv, m.proj[1]
     train_qkv, train_proj = uses_batch_stats(qkv.bn), uses_batch_stats(proj.bn)
     if train_qkv != train_proj:  # one BN in train mode and one in eval: rare enough for the stock path
@@ -40,7 +42,7 @@ def shsa_forward(m: StockSHSA, cache: FoldCache, x: torch.Tensor, residual: bool
 
     tensors = [qkv.c.weight, qkv.bn.weight, qkv.bn.bias, qkv.bn.running_mean, qkv.bn.running_var,
                proj.c.weight, proj.bn.weight, proj.bn.bias, proj.bn.running_mean, proj.bn.running_var]
-    qw, qb, pw, pb = cache.get(tensors, fold)
+    qw, qb, pw, pb = cache.get(tensors, fold, x.dtype)
     return ops.shsa(x, m.pre_norm.weight, m.pre_norm.bias, qw, qb, pw, pb, m.qk_dim, m.pre_norm.eps, residual)
 
 
@@ -71,6 +73,12 @@ class SHSA(StockSHSA):
 
 class ResidualSHSA(Residual):
     """Residual(SHSA) with the add fused into the op; keys `m.pre_norm`, `m.qkv.*`, `m.proj.1.*`."""
+
+    def __init__(self, m: nn.Module, drop: float = 0.0):
+        """m: a fused SHSA, or a stock (official or timm) one whose parameters it adopts."""
+        if not is_shsa(m):
+            raise TypeError(f"ResidualSHSA: m must be an SHSA (fused or stock), got {type(m).__name__}")
+        super().__init__(m if isinstance(m, SHSA) else SHSA.from_module(m), drop)
 
     @classmethod
     def from_module(cls, stock: nn.Module) -> "ResidualSHSA":

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops._checks import check_tensor, check_tokens
 from ..reference import SRA as StockSRA
 
 
@@ -33,12 +34,12 @@ class SRA(StockSRA):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         if self.training and self.attn_drop.p > 0:
             return super().forward(x, H, W)
-        red = x
+        check_tensor("x", x, ndim=3, shape=("B", "N", self.dim))
+        check_tokens(x, H, W)
+        red = x  # sr_ratio 1: the keys are the tokens themselves
         if self.linear or self.sr_ratio > 1:
             red = ops.sra_reduce(x, H, W, self.sr.weight, self.sr.bias, self.norm.weight, self.norm.bias,
                                  self.norm.eps, self.sr_ratio, self.linear)
-        elif x.dim() != 3 or x.shape[1] != H * W:  # sr_ratio 1: the keys are the tokens themselves
-            raise ValueError(f"x must be (B, N = H*W, C); got shape {tuple(x.shape)} with H={H}, W={W}")
         out = ops.sra_attention(x, red, self.q.weight, self.q.bias, self.kv.weight, self.kv.bias, self.num_heads,
                                 self.scale)
         return self.proj_drop(self.proj(out))

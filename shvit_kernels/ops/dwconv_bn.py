@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import dwconv_bn as ref
-from ._checks import autocast, check_same_device, check_same_dtype, check_tensor
+from ._checks import autocast, check_same_device, check_same_dtype, check_tensor, empty_result
 
 OP = "dwconv_bn"
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -137,15 +137,16 @@ def _check(x: Tensor, weight: Tensor, stride: int, residual: bool, **params: Ten
     if residual and stride != 1:
         raise ValueError("residual=True needs stride=1 (the output must have the input's shape)")
     for name, t in params.items():
-        check_tensor(name, t, shape=(c,))
+        check_tensor(name, t, shape=(c,), why=f" for x with {c} channels")
     check_same_device("x", x, weight=weight, **params)
     check_same_dtype("x", x, weight=weight)
     if x.dim() == 4 and 0 in x.shape[1:]:
         raise ValueError(f"x must have non-empty channel and spatial dims, got shape {tuple(x.shape)}")
 
 
-def _empty_batch(x: Tensor, k: int, stride: int) -> Tensor:
-    return x.new_empty((0, x.shape[1], *_out_hw(x.shape[2], x.shape[3], k, stride)))
+def _empty_batch(x: Tensor, weight: Tensor, stride: int, *params: Tensor) -> Tensor:
+    return empty_result((0, x.shape[1], *_out_hw(x.shape[2], x.shape[3], weight.shape[-1], stride)), x, weight,
+                        *params)
 
 
 def dwconv_bn(x: Tensor, weight: Tensor, bias: Tensor, stride: int = 1, relu: bool = False) -> Tensor:
@@ -158,7 +159,7 @@ def dwconv_bn(x: Tensor, weight: Tensor, bias: Tensor, stride: int = 1, relu: bo
     x, weight = autocast(x, weight)
     _check(x, weight, stride, False, bias=bias)
     if x.shape[0] == 0:
-        return _empty_batch(x, weight.shape[-1], stride)
+        return _empty_batch(x, weight, stride, bias)
     return _dwconv_bn(x, weight, bias.to(x.dtype), stride, relu)
 
 
@@ -178,5 +179,5 @@ def dwconv_bn_train(x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tenso
         raise ValueError(f"x: BatchNorm training needs more than 1 value per channel, got shape {tuple(x.shape)}")
     if x.shape[0] == 0:
         nan = x.new_full((x.shape[1],), float("nan"), dtype=_stat_dtype(x))
-        return _empty_batch(x, k, stride), nan, nan.clone()
+        return _empty_batch(x, weight, stride, bn_weight, bn_bias), nan, nan.clone()
     return _dwconv_bn_train(x, weight, bn_weight, bn_bias, float(eps), stride, residual, relu)

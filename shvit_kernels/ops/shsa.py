@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import shsa as ref
-from ._checks import autocast, check_same_device, check_same_dtype, check_tensor
+from ._checks import autocast, check_same_device, check_same_dtype, check_tensor, empty_result
 
 OP = "shsa"
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -158,8 +158,8 @@ def _check(x: Tensor, gn_w: Tensor, qkv_w: Tensor, proj_w: Tensor, qk_dim: int, 
     p = gn_w.shape[0]
     if not 0 < p <= c:
         raise ValueError(f"gn_weight: pdim ({p}) must be in 1..dim, and x has dim={c} channels")
-    check_tensor("qkv_weight", qkv_w, shape=(2 * qk_dim + p, p))
-    check_tensor("proj_weight", proj_w, shape=(c, c))
+    check_tensor("qkv_weight", qkv_w, shape=(2 * qk_dim + p, p), why=f" for qk_dim={qk_dim}, pdim={p}")
+    check_tensor("proj_weight", proj_w, shape=(c, c), why=f" for x with {c} channels")
     sizes = {"gn_bias": p, "qkv_bias": 2 * qk_dim + p, "qkv_bn_weight": 2 * qk_dim + p,
              "qkv_bn_bias": 2 * qk_dim + p, "proj_bias": c, "proj_bn_weight": c, "proj_bn_bias": c}
     for name, t in vectors.items():
@@ -185,7 +185,7 @@ def shsa(x: Tensor, gn_weight: Tensor, gn_bias: Tensor, qkv_weight: Tensor, qkv_
     x, qkv_weight, proj_weight = autocast(x, qkv_weight, proj_weight)
     _check(x, gn_weight, qkv_weight, proj_weight, qk_dim, gn_bias=gn_bias, qkv_bias=qkv_bias, proj_bias=proj_bias)
     if x.shape[0] == 0:
-        return torch.empty_like(x)
+        return empty_result(x.shape, x, gn_weight, gn_bias, qkv_weight, qkv_bias, proj_weight, proj_bias)
     return _shsa(_contig(x), gn_weight, gn_bias, float(gn_eps), qkv_weight, qkv_bias, proj_weight, proj_bias, qk_dim,
                  residual)
 
@@ -204,7 +204,9 @@ def shsa_train(x: Tensor, gn_weight: Tensor, gn_bias: Tensor, qkv_weight: Tensor
     if x.shape[0] == 0:
         sd = _stat_dtype(x)
         nan = [x.new_full((n,), float("nan"), dtype=sd) for n in (qkv_weight.shape[0],) * 2 + (x.shape[1],) * 2]
-        return torch.empty_like(x), TrainStats(*nan)
+        y = empty_result(x.shape, x, gn_weight, gn_bias, qkv_weight, qkv_bn_weight, qkv_bn_bias, proj_weight,
+                         proj_bn_weight, proj_bn_bias)
+        return y, TrainStats(*nan)
     if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
         raise ValueError(f"x: BatchNorm training needs more than 1 value per channel, got shape {tuple(x.shape)}")
     y, *stats = _shsa_train(_contig(x), gn_weight, gn_bias, float(gn_eps), qkv_weight, qkv_bn_weight, qkv_bn_bias,

@@ -3,16 +3,23 @@ pool + 1x1 conv + LayerNorm + GELU for PVTv2-li) and `shvit::sra_attention` (q a
 multi-head softmax attention over the M reduced keys), each with a backward op, fake impl and autograd."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import Tensor
 
 from .. import backends
 from ..reference import sra as ref
-from ._checks import autocast, check_same_device, check_same_dtype, check_tensor
+from ._checks import autocast, check_same_device, check_same_dtype, check_tensor, check_tokens, empty_result
 
 OP = "sra"
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 backends.register(OP, "reference", ref, ("cpu", "cuda"), _ALL)
+backends.register(OP, "cpu", SimpleNamespace(
+    reduce_fwd=lambda *a: torch.ops.shvit.sra_reduce_fwd_cpu(*a),
+    reduce_bwd=lambda *a: torch.ops.shvit.sra_reduce_bwd_cpu(*a),
+    attn_fwd=lambda *a: torch.ops.shvit.sra_attn_fwd_cpu(*a),
+    attn_bwd=lambda *a: torch.ops.shvit.sra_attn_bwd_cpu(*a)), ("cpu",), (torch.float32, torch.float64))
 
 
 def _reduced_hw(h: int, w: int, sr_ratio: int, linear: bool) -> tuple[int, int]:
@@ -113,34 +120,25 @@ _attention.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 # ---- public functions ----------------------------------------------------------------------------------------
 
-def _check_tokens(x: Tensor, h: int, w: int) -> None:
-    check_tensor("x", x, ndim=3)
-    if not (isinstance(h, int) and isinstance(w, int)) or h <= 0 or w <= 0:
-        raise ValueError(f"H and W must be positive ints, got {h!r}, {w!r}")
-    if x.shape[1] != h * w:
-        raise ValueError(f"x has N={x.shape[1]} tokens but H*W = {h}*{w} = {h * w}")
-    if x.shape[2] == 0:
-        raise ValueError(f"x must have a non-empty channel dim, got shape {tuple(x.shape)}")
-
-
 def sra_reduce(x: Tensor, h: int, w: int, sr_weight: Tensor, sr_bias: Tensor, ln_weight: Tensor, ln_bias: Tensor,
                eps: float = 1e-5, sr_ratio: int = 1, linear: bool = False) -> Tensor:
     """Key/value tokens (B, M, C) from x (B, N = h*w, C): LayerNorm(Conv2d(k = stride = sr_ratio)) with
     M = (h // sr_ratio) * (w // sr_ratio), or with `linear` GELU(LayerNorm(Conv1x1(AdaptiveAvgPool(7)))), M = 49."""
     x, sr_weight = autocast(x, sr_weight)
-    _check_tokens(x, h, w)
+    check_tokens(x, h, w)
     c = x.shape[2]
     k = 1 if linear else sr_ratio
     if not linear and (not isinstance(sr_ratio, int) or sr_ratio < 2 or h < sr_ratio or w < sr_ratio):
         raise ValueError(f"sr_ratio must be an int in 2..min(H, W) = {min(h, w)}, got {sr_ratio!r}")
-    check_tensor("sr_weight", sr_weight, shape=(c, c, k, k))
+    why = f" for x with {c} channels"
+    check_tensor("sr_weight", sr_weight, shape=(c, c, k, k), why=why)
     for name, t in (("sr_bias", sr_bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        check_tensor(name, t, shape=(c,))
+        check_tensor(name, t, shape=(c,), why=why)
     check_same_device("x", x, sr_weight=sr_weight, sr_bias=sr_bias, ln_weight=ln_weight, ln_bias=ln_bias)
     check_same_dtype("x", x, sr_weight=sr_weight)
     ho, wo = _reduced_hw(h, w, sr_ratio, linear)
     if x.shape[0] == 0:
-        return x.new_empty((0, ho * wo, c))
+        return empty_result((0, ho * wo, c), x, sr_weight, sr_bias, ln_weight, ln_bias)
     return _reduce(x.contiguous(), h, w, sr_weight, sr_bias, ln_weight, ln_bias, float(eps), sr_ratio, linear)
 
 
@@ -152,17 +150,19 @@ def sra_attention(x: Tensor, red: Tensor, q_weight: Tensor, q_bias: Tensor | Non
     check_tensor("red", red, ndim=3)
     b, n, c = x.shape
     if red.shape[0] != b or red.shape[2] != c or red.shape[1] == 0:
-        raise ValueError(f"red must have shape ({b}, M >= 1, {c}), got {tuple(red.shape)}")
+        raise ValueError(f"red must have shape ({b}, M >= 1, {c}) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(red.shape)}")
     if not isinstance(num_heads, int) or num_heads <= 0 or c % num_heads:
         raise ValueError(f"num_heads must be a positive divisor of C={c}, got {num_heads!r}")
-    check_tensor("q_weight", q_weight, shape=(c, c))
-    check_tensor("kv_weight", kv_weight, shape=(2 * c, c))
+    why = f" for x with {c} channels"
+    check_tensor("q_weight", q_weight, shape=(c, c), why=why)
+    check_tensor("kv_weight", kv_weight, shape=(2 * c, c), why=why)
     biases = {k: t for k, t in (("q_bias", q_bias), ("kv_bias", kv_bias)) if t is not None}
     for name, t in biases.items():
-        check_tensor(name, t, shape=(c if name == "q_bias" else 2 * c,))
+        check_tensor(name, t, shape=(c if name == "q_bias" else 2 * c,), why=why)
     check_same_device("x", x, red=red, q_weight=q_weight, kv_weight=kv_weight, **biases)
     check_same_dtype("x", x, red=red, q_weight=q_weight, kv_weight=kv_weight)
     if b == 0 or n == 0:
-        return torch.empty_like(x)
+        return empty_result(x.shape, x, red, q_weight, q_bias, kv_weight, kv_bias)
     return _attention(x.contiguous(), red.contiguous(), q_weight, q_bias, kv_weight, kv_bias, num_heads,
                       float(scale))[0]

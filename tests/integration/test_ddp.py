@@ -56,6 +56,16 @@ def _worker(rank: int, port: int, out: str) -> None:
             opt.step()
             record.append(_snapshot(model))
         torch.save(record, os.path.join(out, f"rank{rank}.pt"))
+        # SyncBatchNorm needs cross-rank statistics the fused ops do not compute: refused, never silently local
+        # (stock SyncBatchNorm itself runs on GPUs only, so call a fused block directly)
+        sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm(_model())
+        block = next(m for m in sync.modules() if isinstance(m, ResidualDWConvBN))
+        try:
+            block(torch.randn(2, block.m.c.in_channels, 8, 8, dtype=torch.float64))
+        except NotImplementedError as e:
+            assert "SyncBatchNorm" in str(e)
+        else:
+            raise AssertionError("a fused block ran SyncBatchNorm with per-rank statistics")
     finally:
         dist.destroy_process_group()
 

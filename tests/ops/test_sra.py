@@ -109,7 +109,7 @@ def test_empty_batch():
     (lambda m, x: m(x, 4, 5), ValueError, "H\\*W"),
     (lambda m, x: m(x[0], 4, 4), ValueError, "x must have 3 dims"),
     (lambda m, x: m(x.int(), 4, 4), TypeError, "floating"),
-    (lambda m, x: m(x[..., :16], 4, 4), ValueError, "sr_weight must have shape"),
+    (lambda m, x: m(x[..., :16], 4, 4), ValueError, r"x must have shape \(B, N, 32\)"),
     (lambda m, x: m(x.float(), 4, 4), TypeError, "dtype"),
 ])
 def test_bad_inputs(call, exc, match):
