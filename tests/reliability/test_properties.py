@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shvit_kernels import ops, use_backend
+from shvit_kernels import backends, ops, use_backend
 from tests.helpers import cpu_backends
 from tests.ops.test_shsa import stock as shsa_stock
 
@@ -25,8 +25,19 @@ LAYOUTS = st.sampled_from(["contiguous", "channels_last", "sliced"])
 EPS = {torch.float64: 1e-10, torch.float32: 2e-5}  # the "tiny atol" of the rule, relative to the result's scale
 
 
-def _budget(backend):
-    return settings(max_examples=EXAMPLES if backend != "triton" else max(EXAMPLES // 25, 5), **SETTINGS)
+def _interpreted(backend, device):
+    return backend == "triton" and device == "cpu"
+
+
+def _budget(backend, device):
+    return settings(max_examples=max(EXAMPLES // 25, 5) if _interpreted(backend, device) else EXAMPLES, **SETTINGS)
+
+
+def targets(op):
+    """(backend, device) pairs: every backend that runs `op` on CPU tensors here, and the `gpu`-marked twins."""
+    gpu = [b for b in ("triton", "cuda", "reference") if b in backends.implementations(op)]
+    return [pytest.param(b, "cpu", id=b) for b in cpu_backends(op)] + \
+        [pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.gpu) for b in gpu]
 
 
 class Rand:
@@ -65,8 +76,8 @@ def _rule(got, stocks, oracle, atol, what="output"):
     assert got.shape == oracle.shape, what
     if not got.numel():
         return
-    err = (got.double() - oracle).abs().max().item()
-    stock_err = max((s.double() - oracle).abs().max().item() for s in stocks)
+    err = (got.double().cpu() - oracle).abs().max().item()
+    stock_err = max((s.double().cpu() - oracle).abs().max().item() for s in stocks)
     assert err <= 2 * stock_err + atol, f"{what}: error {err:.3e} vs stock {stock_err:.3e} + atol {atol:.1e}"
 
 
@@ -117,14 +128,16 @@ def _run(fn, args, gy, shuffle=lambda t, inverse: t, layout=None):
     x = (_layout(x, layout) if layout else x).requires_grad_()
     params = [None if a is None else a.detach().clone().requires_grad_() for a in args[1:]]
     y = fn(x, *params)
-    g = _grads(y, [x, *params], shuffle(gy.to(y.dtype), False))
+    g = _grads(y, [x, *params], shuffle(gy.to(y), False))
     return shuffle(y, True), [shuffle(g[0], True), *g[1:]]
 
 
-def _check(fn_stock, fn_op, args64, gy64, dtype, layout, backend, shuffles, names, groups):
-    """DESIGN.md's rule for the output and every gradient of `fn_op` on `backend` in `dtype`."""
+def _check(fn_stock, fn_op, args64, gy64, dtype, layout, target, shuffles, names, groups):
+    """DESIGN.md's rule for the output and every gradient of `fn_op` on `target` = (backend, device) in `dtype`,
+    against the float64 oracle on the CPU and stock PyTorch in `dtype` on the device."""
+    backend, device = target
     oy, og = _run(fn_stock, args64, gy64)
-    cast = [None if a is None else a.to(dtype) for a in args64]
+    cast = [None if a is None else a.to(device, dtype) for a in args64]
     stocks = [_run(fn_stock, cast, gy64, sh) for sh in shuffles]
     with use_backend(backend):
         y, g = _run(fn_op, cast, gy64, layout=layout)
@@ -141,14 +154,14 @@ def _dw_stock(x, w, g, b, stride, residual, relu, train, rm=None, rv=None):
     return y.relu() if relu else y
 
 
-@pytest.mark.parametrize("backend", cpu_backends("dwconv_bn"))
-def test_dwconv_bn_properties(backend):
-    @_budget(backend)
+@pytest.mark.parametrize("backend,device", targets("dwconv_bn"))
+def test_dwconv_bn_properties(backend, device):
+    @_budget(backend, device)
     @given(b=st.integers(1, 9), c=st.integers(1, 24), h=st.integers(1, 40), w=st.integers(1, 40),
            k=st.sampled_from([3, 5, 7]), stride=st.sampled_from([1, 2]), dtype=DTYPES, layout=LAYOUTS,
            train=st.booleans(), relu=st.booleans(), residual=st.booleans(), seed=SEEDS)
     def check(b, c, h, w, k, stride, dtype, layout, train, relu, residual, seed):
-        if backend == "triton":
+        if _interpreted(backend, device):
             b, c, h, w = min(b, 2), min(c, 8), min(h, 12), min(w, 12)
         residual = residual and stride == 1
         ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
@@ -164,14 +177,14 @@ def test_dwconv_bn_properties(backend):
         def fused(x, wt, g, bb):
             if train:
                 return ops.dwconv_bn_train(x, wt, g, bb, 1e-5, stride, residual, relu)[0]
-            scale = g / torch.sqrt(rv.to(dtype) + 1e-5)  # the eval op takes BN (and the identity tap) folded
+            scale = g / torch.sqrt(rv.to(g) + 1e-5)  # the eval op takes BN (and the identity tap) folded
             wf = wt * scale[:, None, None, None]
             if residual:
-                wf = wf + F.pad(torch.ones(c, 1, 1, 1, dtype=dtype), [k // 2] * 4)
-            return ops.dwconv_bn(x, wf, bb - rm.to(dtype) * scale, stride, relu)
+                wf = wf + F.pad(torch.ones(c, 1, 1, 1).to(g), [k // 2] * 4)
+            return ops.dwconv_bn(x, wf, bb - rm.to(g) * scale, stride, relu)
 
-        _check(lambda *a: _dw_stock(*a, stride, residual, relu, train, rm.to(a[0].dtype), rv.to(a[0].dtype)), fused,
-               [x64, wt64, g64, bb64], gy, dtype, layout, backend, _shuffles(r, b),
+        _check(lambda *a: _dw_stock(*a, stride, residual, relu, train, rm.to(a[0]), rv.to(a[0])), fused,
+               [x64, wt64, g64, bb64], gy, dtype, layout, (backend, device), _shuffles(r, b),
                ["x", "weight", "bn_weight", "bn_bias"], [(0,), (1, 2, 3)])
 
     check()
@@ -179,14 +192,14 @@ def test_dwconv_bn_properties(backend):
 
 # ---- SHSA ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", cpu_backends("shsa"))
-def test_shsa_properties(backend):
-    @_budget(backend)
+@pytest.mark.parametrize("backend,device", targets("shsa"))
+def test_shsa_properties(backend, device):
+    @_budget(backend, device)
     @given(b=st.integers(1, 5), dim=st.integers(1, 40), h=st.integers(1, 12), w=st.integers(1, 12),
            qk=st.integers(1, 16), dtype=DTYPES, layout=LAYOUTS, train=st.booleans(), residual=st.booleans(),
            pdim_frac=st.floats(0, 1), seed=SEEDS)
     def check(b, dim, h, w, qk, dtype, layout, train, residual, pdim_frac, seed):
-        if backend == "triton":
+        if _interpreted(backend, device):
             b, dim, h, w = min(b, 2), min(dim, 12), min(h, 5), min(w, 5)
         if train and b * h * w < 2:
             return
@@ -217,7 +230,8 @@ def test_shsa_properties(backend):
                 return ops.shsa_train(x, qk_dim=qk, residual=residual, **dict(zip(base, p)))[0]
             return ops.shsa(x, qk_dim=qk, residual=residual, **dict(zip(base, p)))
 
-        _check(lambda x, *p: shsa_stock(x, qk, residual, **dict(zip(base, p))), fused, [x64, *base.values()], gy64, dtype, layout, backend, _shuffles(r, b, h * w, "nchw"), names, groups)
+        _check(lambda x, *p: shsa_stock(x, qk, residual, **dict(zip(base, p))), fused, [x64, *base.values()], gy64,
+               dtype, layout, (backend, device), _shuffles(r, b, h * w, "nchw"), names, groups)
 
     check()
 
@@ -242,9 +256,9 @@ def _sra_attention_stock(x, red, q_w, q_b, kv_w, kv_b, heads, scale):
     return o.transpose(1, 2).reshape(b, n, c)
 
 
-@pytest.mark.parametrize("backend", cpu_backends("sra"))
-def test_sra_reduce_properties(backend):
-    @_budget(backend)
+@pytest.mark.parametrize("backend,device", targets("sra"))
+def test_sra_reduce_properties(backend, device):
+    @_budget(backend, device)
     @given(b=st.integers(1, 9), h=st.integers(1, 40), w=st.integers(1, 40), c=st.integers(1, 24),
            sr=st.integers(2, 8), linear=st.booleans(), dtype=DTYPES, layout=LAYOUTS, seed=SEEDS)
     def check(b, h, w, c, sr, linear, dtype, layout, seed):
@@ -257,15 +271,15 @@ def test_sra_reduce_properties(backend):
         ho, wo = (7, 7) if linear else (h // sr, w // sr)
         gy = r.randn(b, ho * wo, c)
         _check(lambda x, *p: _sra_reduce_stock(x, h, w, *p, sr, linear),
-               lambda x, *p: ops.sra_reduce(x, h, w, *p, 1e-5, sr, linear), args, gy, dtype, layout, backend,
+               lambda x, *p: ops.sra_reduce(x, h, w, *p, 1e-5, sr, linear), args, gy, dtype, layout, (backend, device),
                _shuffles(r, b), ["x", "sr_weight", "sr_bias", "ln_weight", "ln_bias"], [(0,), (1, 2), (3, 4)])
 
     check()
 
 
-@pytest.mark.parametrize("backend", cpu_backends("sra"))
-def test_sra_attention_properties(backend):
-    @_budget(backend)
+@pytest.mark.parametrize("backend,device", targets("sra"))
+def test_sra_attention_properties(backend, device):
+    @_budget(backend, device)
     @given(b=st.integers(1, 9), n=st.integers(1, 300), m=st.integers(1, 64), heads=st.integers(1, 4),
            head_dim=st.integers(1, 16), bias=st.booleans(), dtype=DTYPES, layout=LAYOUTS, seed=SEEDS)
     def check(b, n, m, heads, head_dim, bias, dtype, layout, seed):
@@ -277,6 +291,6 @@ def test_sra_attention_properties(backend):
         groups = [(0,), (1,), tuple(i for i, nm in enumerate(names) if nm.startswith("q_")),
                   tuple(i for i, nm in enumerate(names) if nm.startswith("kv_"))]
         _check(lambda *a: _sra_attention_stock(*a, heads, scale), lambda *a: ops.sra_attention(*a, heads, scale),
-               args, gy, dtype, layout, backend, _shuffles(r, b, n, "bnc"), names, groups)
+               args, gy, dtype, layout, (backend, device), _shuffles(r, b, n, "bnc"), names, groups)
 
     check()
