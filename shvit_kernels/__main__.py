@@ -42,7 +42,24 @@ def _info() -> int:
                 except backends.BackendUnavailableError as exc:
                     name, why = "none", str(exc)
                 print(f"  {op:10s} {dev:4s} {str(dtype).removeprefix('torch.'):8s} -> {name}: {why}")
+    _info_measured(devices)
     return 0
+
+
+def _info_measured(devices: list[str]) -> None:
+    """auto's per-size choices from the measured table, for this machine's devices."""
+    from . import autotable, backends
+
+    table = autotable.entries()
+    print(f"auto table {autotable.path()}: {len(table)} measurement(s)"
+          + ("" if table else " (record with `python -m shvit_kernels bench --record-auto`)"))
+    for dev in devices:
+        device = torch.device(dev)
+        prefix = autotable.device_name(device) + "|"
+        for key in sorted(k for k in table if k.startswith(prefix)):
+            _, op, dtype, b = key.split("|")
+            name, why = backends.choose(op, device, getattr(torch, dtype), 1 << int(b))
+            print(f"  {op:10s} {dev:4s} {dtype:8s} {table[key]['shape']:20s} -> {name}: {why}")
 
 
 Job = tuple[str, Callable[[], object]]
@@ -150,6 +167,13 @@ def _bench(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    if args.record_auto:
+        from . import autotable
+        print(f"recording auto's table ({autotable.path()}) for {autotable.device_name(device)}: eval forward, "
+              f"medians of {args.reps} calls")
+        for line in bench.record_auto(device, dtype, sorted({1, args.batch}), args.ops, args.reps):
+            print(line, flush=True)
+        return 0
     env = bench.environment(device)
     run_ops = args.ops is not None or args.models is None
     modes = list(roofline.MODES) if "all" in args.mode else args.mode
@@ -280,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--budget-s", type=float, help="start no case after this many seconds (listed as skipped)")
     b.add_argument("--progress", action=argparse.BooleanOptionalAction,
                    help="progress bar on stderr (default: when stderr is a terminal)")
+    b.add_argument("--record-auto", action="store_true",
+                   help="time every backend on the op cases (batch 1 and --batch) and store the medians in the table "
+                        "\"auto\" picks from (shvit_kernels/autotable.py); runs nothing else")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     b.add_argument("--markdown", metavar="PATH", help="also write a Markdown report")
     b.add_argument("--plot", metavar="PNG", help="also plot the speedups (needs matplotlib: the 'plot' extra)")

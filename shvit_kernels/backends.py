@@ -2,7 +2,8 @@
 
 Backends: "reference" (pure PyTorch, everywhere), "cpu" (C++ kernels of the extension), "triton"
 (CUDA tensors; CPU tensors too under TRITON_INTERPRET=1), "cuda" (hand-written CUDA kernels), and
-"auto" (the default: the fastest available for the device). `SHVIT_KERNELS_BACKEND` sets the default;
+"auto" (the default: the backend measured fastest for the op and input size where `autotable` has a
+measurement, else the first available in a fixed order per device). `SHVIT_KERNELS_BACKEND` sets the default;
 `use_backend(name)` overrides it for the current thread / task (a ContextVar, so threads don't race).
 
 Thread safety: the per-call fast path is one dict lookup; a miss (first use of an (op, setting, device, dtype))
@@ -23,7 +24,7 @@ from typing import Iterator
 
 import torch
 
-from . import _ext
+from . import _ext, autotable
 
 NAMES = ("reference", "cpu", "triton", "cuda")
 _CHOICES = NAMES + ("auto",)
@@ -164,14 +165,18 @@ def _supports(op: str, backend: str, device: torch.device, dtype: torch.dtype) -
     return None
 
 
-def choose(op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
-    """(backend, why) that runs `op` for tensors of `device`/`dtype` under the current setting."""
+def choose(op: str, device: torch.device, dtype: torch.dtype, numel: int | None = None) -> tuple[str, str]:
+    """(backend, why) that runs `op` for tensors of `device`/`dtype` (inputs of `numel` elements, when given)
+    under the current setting."""
     asked = current_backend()
     if asked != "auto":
         why_not = _supports(op, asked, device, dtype)
         if why_not:
             raise BackendUnavailableError(f"use_backend({asked!r}): {why_not}")
         return asked, "asked for explicitly"
+    measured = _measured_choice(op, device, dtype, numel)
+    if measured is not None:
+        return measured
     skipped = []
     for name in _AUTO_ORDER.get(device.type, ("reference",)):
         why_not = _supports(op, name, device, dtype)
@@ -182,15 +187,42 @@ def choose(op: str, device: torch.device, dtype: torch.dtype) -> tuple[str, str]
     raise BackendUnavailableError(f"no backend can run {op!r} on {device.type}/{dtype}: {'; '.join(skipped)}")
 
 
+def _measured_choice(op: str, device: torch.device, dtype: torch.dtype, numel: int | None) -> tuple[str, str] | None:
+    """The fastest backend the auto table measured for `op` near this size that can run here, with the evidence."""
+    found = autotable.lookup(op, device, dtype, numel) if numel is not None else None
+    if found is None:
+        return None
+    ms, b = found
+    here = runnable(op, device, dtype)
+    fastest = sorted((t, name) for name, t in ms.items() if name in here)
+    if not fastest:
+        return None
+    times = ", ".join(f"{name} {t:.3g} ms" for t, name in sorted((t, n) for n, t in ms.items()))
+    return fastest[0][1], f"measured fastest at ~2^{b} elements ({times}; {autotable.path()})"
+
+
+def runnable(op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Backends that can run `op` here at full speed (Triton's CPU interpreter excluded)."""
+    return [name for name in NAMES if _supports(op, name, device, dtype) is None
+            and not (name == "triton" and device.type == "cpu")]
+
+
+def reset_choices() -> None:
+    """Forget the cached choices (after the auto table changed)."""
+    with _lock:
+        _chosen.clear()
+
+
 def kernel(op: str, x: torch.Tensor):
     """The implementation of `op` to call for input `x`."""
-    key = (op, _override.get() or os.environ.get(ENV_VAR), x.device.type, x.dtype)
+    numel = x.numel()
+    key = (op, _override.get() or os.environ.get(ENV_VAR), x.device.type, x.dtype, numel.bit_length())
     found = _chosen.get(key)
     if found is None:
         with _lock:  # first use: choose and import once, even when threads race here
             found = _chosen.get(key)
             if found is None:
-                name = choose(op, x.device, x.dtype)[0]
+                name = choose(op, x.device, x.dtype, numel)[0]
                 found = _kernels[(op, name)].resolve()
                 if name == "triton" and x.device.type == "cpu":  # the interpreter
                     found = _Serialized(found)

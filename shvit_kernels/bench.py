@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from . import backends
+from . import autotable, backends
 from .convert import convert
 from .nn import SRA as FusedSRA
 from .reference import SRA, Residual, SHSA, residual_dwconv
@@ -185,6 +185,23 @@ def run_case(case: Case, mode: str, device: torch.device, dtype: torch.dtype, co
     if compile_stock:
         _fill_compiled(r, ms["compiled"], ceilings)
     return r
+
+
+def record_auto(device: torch.device, dtype: torch.dtype, batches: Sequence[int], ops: Sequence[str] | None,
+                reps: int) -> list[str]:
+    """Time each op case's fused module (eval forward) on every backend that runs it here, at each batch, and store
+    the medians in the auto table (`autotable`), from which "auto" then picks. Returns a line per measurement."""
+    lines = []
+    for batch in batches:
+        for case in cases(batch):
+            if ops and case.op not in ops:
+                continue
+            ms = {name: time_ms(prepare(case, "eval fwd", device, dtype, ("fused",), name).fns["fused"], device, reps)
+                  for name in backends.runnable(case.op, device, dtype)}
+            autotable.record(case.op, device, dtype, math.prod(case.input_shape), ms, case.shape)
+            lines.append(f"{case.op:10s} {case.shape:20s} " + "  ".join(f"{n} {t:.3f} ms" for n, t in ms.items()))
+    backends.reset_choices()
+    return lines
 
 
 def add_compiled(results: Sequence[Result], case: Case, mode: str, device: torch.device, dtype: torch.dtype,
