@@ -3,11 +3,11 @@
 # benchmarks. Writes benchmarks/results/<gpu>-<date>.{json,md,png} (CLI: ops and models, GPU name, driver,
 # torch/triton versions) and <gpu>-<date>-pytest.json (pytest-benchmark), plus logs/, under $OUT when it is set.
 #
-#   bash benchmarks/gpu_suite.sh                    # all stages: build test sanitize bench pytest-bench
+#   bash benchmarks/gpu_suite.sh                    # all stages: build test sanitize auto bench pytest-bench
 #   bash benchmarks/gpu_suite.sh build test sanitize    # or any of them, in the order given
 #
 # About 25 minutes of device time in all. Where one command may run at most 10 minutes (the lent machines), run it
-# as three calls on the same warm machine: `build test sanitize`, then `bench`, then `pytest-bench` (the build is
+# as three calls on the same warm machine: `build test sanitize auto`, then `bench`, then `pytest-bench` (the build is
 # kept in the work tree in between; a fresh machine needs `build` again).
 # Tunables: PYTHON (default python3), MAX_JOBS (ninja jobs), BENCH_BUDGET_S (the bench stage starts no case after
 # this many seconds; default 420, which leaves room for one max-autotune compile that started just before),
@@ -79,6 +79,16 @@ stage_sanitize() {
   fi
 }
 
+stage_auto() {
+  # auto's measured table for this GPU (every backend per op, dtype and size), kept with the results; copy it to
+  # ~/.cache/shvit_kernels/auto_table.json (or point $SHVIT_KERNELS_AUTO_TABLE at it) to make "auto" use it.
+  local dtype
+  for dtype in bfloat16 float16 float32; do
+    SHVIT_KERNELS_AUTO_TABLE="$stem-auto.json" run_stage "auto-$dtype" "$py" -m shvit_kernels bench --record-auto \
+      --device cuda --dtype "$dtype" --batch 256
+  done
+}
+
 stage_bench() {
   local plot=()
   "$py" -c "import matplotlib" 2>/dev/null && plot=(--plot "$stem.png")
@@ -96,7 +106,7 @@ stage_pytest_bench() {
     --benchmark-json "$stem-pytest.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 }
 
-all_stages=(build test sanitize bench pytest-bench)
+all_stages=(build test sanitize auto bench pytest-bench)
 stages=("$@")
 (( ${#stages[@]} )) || stages=("${all_stages[@]}")
 for s in "${stages[@]}"; do
@@ -107,6 +117,7 @@ for s in "${stages[@]}"; do
     build) stage_build || { echo "gpu_suite: build failed; stopping"; break; } ;;
     test) stage_test ;;
     sanitize) stage_sanitize ;;
+    auto) stage_auto ;;
     bench) stage_bench ;;
     pytest-bench) stage_pytest_bench ;;
   esac
