@@ -23,10 +23,47 @@ def _distributed_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-@torch.no_grad()
 def update_running_stats(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
                          count: int) -> None:
     """Fold one batch's mean and biased var (over `count` values per channel) into bn's running stats."""
+    _update(bn, mean, var, count)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and _saved_tensor_hooks_active():
+        _SavesOne.apply(_ANCHOR)
+
+
+class _SavesOne(torch.autograd.Function):
+    """A graph node that saves one tensor and is never reached by a backward pass.
+
+    Non-reentrant torch.utils.checkpoint recomputes a region's forward during the backward and, by default (early
+    stop), stops it as soon as it has re-saved as many tensors as the first forward saved. The fused ops update the
+    running statistics after they return, i.e. after their saved tensors: without this node a fused block ending the
+    region would update them once instead of twice (stock nn.BatchNorm2d updates inside the op that saves).
+    """
+
+    @staticmethod
+    def forward(t: torch.Tensor) -> torch.Tensor:
+        return t.view_as(t)
+
+    @staticmethod
+    def setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+_ANCHOR = torch.zeros((), requires_grad=True)
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks (checkpointing, offloading) are in effect; True where torch cannot say."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None
+
+
+@torch.no_grad()
+def _update(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
     if not (bn.training and bn.track_running_stats):
         return
     bn.num_batches_tracked.add_(1)

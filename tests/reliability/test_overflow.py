@@ -26,6 +26,7 @@ import torch
 import shvit_kernels as sk
 from shvit_kernels import ops
 from shvit_kernels.nn import ResidualDWConvBN
+from tests.helpers import replace_triton_kernels
 
 BIG = 2**31
 META = torch.device("meta")
@@ -115,18 +116,7 @@ GRID_LIMITS = (2**31 - 1, 65535, 65535)
 def launches(monkeypatch):
     """Replaces every kernel of the Triton modules by a recorder of (kernel name, grid)."""
     seen = []
-
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: seen.append((self.name, tuple(grid)))
-
-    for mod in (tdw, tsh):
-        for name, obj in list(vars(mod).items()):
-            if name.endswith("_kernel") and hasattr(obj, "fn") and hasattr(obj, "__getitem__"):
-                monkeypatch.setattr(mod, name, Recorder(name))
+    replace_triton_kernels(monkeypatch, lambda name, kernel, grid, args, kwargs: seen.append((name, grid)))
     return seen
 
 
