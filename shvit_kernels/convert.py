@@ -7,12 +7,13 @@ import warnings
 
 from torch import nn
 
-from .nn import SHSA, FusedPatchMerging, ResidualDWConvBN, ResidualSHSA, is_conv_bn, is_depthwise, \
-    is_patch_merging, is_residual, is_shsa
-from .nn.folded import DWConv, FoldedPatchMerging, FoldedResidualSHSA, FoldedSHSA, fold_bn_linear, fold_conv_bn
+from .nn import SHSA, FusedPatchMerging, ResidualDWConvBN, ResidualFFN, ResidualSHSA, is_conv_bn, is_depthwise, \
+    is_ffn, is_patch_merging, is_residual, is_shsa
+from .nn.folded import DWConv, FoldedPatchMerging, FoldedResidualFFN, FoldedResidualSHSA, FoldedSHSA, \
+    fold_bn_linear, fold_conv_bn
 
-_FUSED = (SHSA, ResidualSHSA, ResidualDWConvBN, FusedPatchMerging)
-_FOLDED = (DWConv, FoldedSHSA, FoldedResidualSHSA, FoldedPatchMerging)
+_FUSED = (SHSA, ResidualSHSA, ResidualDWConvBN, FusedPatchMerging, ResidualFFN)
+_FOLDED = (DWConv, FoldedSHSA, FoldedResidualSHSA, FoldedPatchMerging, FoldedResidualFFN)
 
 
 def _replacement(m: nn.Module) -> nn.Module | None:
@@ -22,6 +23,8 @@ def _replacement(m: nn.Module) -> nn.Module | None:
         return ResidualSHSA.from_module(m)
     if is_residual(m) and is_depthwise(m.m, stride=1):
         return ResidualDWConvBN.from_module(m)
+    if is_residual(m) and is_ffn(m.m):
+        return ResidualFFN.from_module(m)
     if is_patch_merging(m):
         return FusedPatchMerging.from_module(m)
     if is_shsa(m):
@@ -47,7 +50,9 @@ def _folded(m: nn.Module) -> nn.Module | None:
         return fold_conv_bn(m.m, identity=True)
     if isinstance(m, FusedPatchMerging):
         return FoldedPatchMerging.from_module(m, m._act1)
-    if is_conv_bn(m):  # stem, FFN, any other conv-BN pair (a depthwise one becomes a fused DWConv)
+    if isinstance(m, ResidualFFN):
+        return FoldedResidualFFN.from_module(m)
+    if is_conv_bn(m):  # stem, any other conv-BN pair (a depthwise one becomes a fused DWConv)
         return fold_conv_bn(m)
     if _is_bn_linear(m):
         return fold_bn_linear(m)
@@ -69,16 +74,17 @@ def _swap(parent: nn.Module, replacement) -> int:
 def convert(model: nn.Module, inference: bool = False) -> nn.Module:
     """Replace every fusable module of an official-layout or timm SHViT (or any model holding its blocks) in place.
 
-    Swaps Residual(SHSA), SHSA, Residual(depthwise Conv2d_BN) and PatchMerging for their fused drop-ins, with
-    the same state_dict keys and values. Returns the model; warns and returns it unchanged when nothing was
-    fusable.
+    Swaps Residual(SHSA), SHSA, Residual(depthwise Conv2d_BN), Residual(FFN) and PatchMerging for their fused
+    drop-ins, with the same state_dict keys and values. Returns the model; warns and returns it unchanged when
+    nothing was fusable.
 
     inference=True (deployment): additionally folds every BatchNorm from its running statistics, once, and
     returns the model in eval mode. Every Conv2d_BN becomes a Conv2d with bias (a depthwise one a fused
     `DWConv`), each residual depthwise block one DWConv with the identity in its centre tap, BN_Linear a
-    Linear, SHSA a `FoldedSHSA` on the fused op. Outputs equal the stock model's in eval mode. The state_dict
-    keys CHANGE (no `bn.*`, `c.weight` -> `weight` + `bias`): they are those of the official SHViT deploy model
-    (its `replace_batchnorm`). The folded model is meant for inference; training it trains the BN-free network.
+    Linear, SHSA a `FoldedSHSA` and Residual(FFN) a `FoldedResidualFFN` on the fused ops. Outputs equal the
+    stock model's in eval mode. The state_dict keys CHANGE (no `bn.*`, `c.weight` -> `weight` + `bias`): they
+    are those of the official SHViT deploy model (its `replace_batchnorm`). The folded model is meant for
+    inference; training it trains the BN-free network.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .nn import SHSA, SRA, FusedPatchMerging, ResidualDWConvBN, ResidualSHSA
+from .nn import SHSA, SRA, FusedPatchMerging, ResidualDWConvBN, ResidualFFN, ResidualSHSA
 from .reference import SHSA as StockSHSA
 from .reference import SRA as StockSRA
 from .reference import Residual
@@ -30,7 +30,7 @@ def _patch_merging_reference(self: FusedPatchMerging, x: torch.Tensor) -> torch.
 
 # The stock math of the training-capable fused modules (the folded ones carry theirs as `reference_forward`).
 _REFERENCE = ((ResidualSHSA, Residual.forward), (ResidualDWConvBN, Residual.forward), (SHSA, StockSHSA.forward),
-              (FusedPatchMerging, _patch_merging_reference), (SRA, StockSRA.forward))
+              (FusedPatchMerging, _patch_merging_reference), (SRA, StockSRA.forward), (ResidualFFN, Residual.forward))
 
 
 def _reference_forward(m: nn.Module):
@@ -75,6 +75,8 @@ def _register_schemas() -> None:
         "shsa": (["x", "gn_weight", "gn_bias", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias"],
                  [("gn_eps", a.FLOAT), ("qk_dim", a.INT), ("residual", a.INT)],
                  "SHViT single-head attention, BNs folded (shvit_kernels.ops.shsa)"),
+        "ffn": (["x", "pw1_weight", "pw1_bias", "pw2_weight", "pw2_bias"], [],
+                "x + pw2_weight relu(pw1_weight x + pw1_bias) + pw2_bias over tokens; BNs folded (ops.ffn)"),
     }
     for name, (inputs, attrs, doc) in nodes.items():
         if onnx.defs.has(name, DOMAIN):
@@ -101,7 +103,11 @@ def _translation_table() -> dict:
         return shvit.shsa(x, gn_w, gn_b, qkv_w, qkv_b, proj_w, proj_b, gn_eps=gn_eps, qk_dim=qk_dim,
                           residual=int(residual))
 
-    return {torch.ops.shvit.dwconv_bn.default: dwconv_bn, torch.ops.shvit.shsa.default: shsa}
+    def ffn(x, w1, b1, w2, b2):
+        return shvit.ffn(x, w1, b1, w2, b2)
+
+    return {torch.ops.shvit.dwconv_bn.default: dwconv_bn, torch.ops.shvit.shsa.default: shsa,
+            torch.ops.shvit.ffn.default: ffn}
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor | tuple, path: str | os.PathLike, *,
@@ -109,7 +115,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor | tuple, path: str | os.
     """Export an eval-mode model (best: `convert(model, inference=True)`) to an ONNX file at `path`.
 
     custom_ops=False (default): standard ONNX operators only (runs in onnxruntime). custom_ops=True: the fused
-    eval ops become `shvit.dwconv_bn` / `shvit.shsa` nodes (domain "shvit", version 1; SRA is always
+    eval ops become `shvit.dwconv_bn` / `shvit.shsa` / `shvit.ffn` nodes (domain "shvit", version 1; SRA is always
     decomposed). dynamic_batch makes dim 0 of every input symbolic. Other keyword arguments go to
     `torch.onnx.export` (dynamo exporter); weights are stored inside the file unless `external_data=True`.
     Needs the `onnx` and `onnxscript` packages. Returns torch's ONNXProgram.

@@ -8,7 +8,7 @@ import torch
 
 import shvit_kernels as sk
 from shvit_kernels.models.timm_compat import import_timm
-from shvit_kernels.nn import FusedPatchMerging, ResidualDWConvBN, ResidualSHSA
+from shvit_kernels.nn import FusedPatchMerging, ResidualDWConvBN, ResidualFFN, ResidualSHSA
 from tests.helpers import bn_states, randomize_bn
 
 if importlib.util.find_spec("timm") is None:
@@ -27,6 +27,7 @@ def test_convert_timm_swaps_every_fusable_block(timm_s1):
     assert kinds.count(ResidualSHSA) == 9  # stage 2 (4) + stage 3 (5) blocks
     assert kinds.count(FusedPatchMerging) == 2
     assert kinds.count(ResidualDWConvBN) == 2 + 4 + 5 + 4  # one per block + two around each PatchMerging
+    assert kinds.count(ResidualFFN) == 2 + 4 + 5 + 4  # likewise
     assert list(fused.state_dict()) == list(timm_s1.state_dict())
     for (k, a), b in zip(fused.state_dict().items(), timm_s1.state_dict().values()):
         assert torch.equal(a, b), k

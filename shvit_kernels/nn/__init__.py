@@ -1,10 +1,11 @@
 """nn.Module drop-ins on the fused ops, state_dict-compatible with the official / timm / PVT modules."""
-from ._match import is_conv_bn, is_depthwise, is_patch_merging, is_residual, is_shsa
+from ._match import is_conv_bn, is_depthwise, is_ffn, is_patch_merging, is_residual, is_shsa
 from .dwconv_bn import FusedPatchMerging, ResidualDWConvBN
-from .folded import DWConv, FoldedPatchMerging, FoldedResidualSHSA, FoldedSHSA
+from .ffn import ResidualFFN
+from .folded import DWConv, FoldedPatchMerging, FoldedResidualFFN, FoldedResidualSHSA, FoldedSHSA
 from .shsa import SHSA, ResidualSHSA
 from .sra import SRA
 
-__all__ = ["DWConv", "FoldedPatchMerging", "FoldedResidualSHSA", "FoldedSHSA", "FusedPatchMerging",
-           "ResidualDWConvBN", "ResidualSHSA", "SHSA", "SRA", "is_conv_bn", "is_depthwise", "is_patch_merging",
-           "is_residual", "is_shsa"]
+__all__ = ["DWConv", "FoldedPatchMerging", "FoldedResidualFFN", "FoldedResidualSHSA", "FoldedSHSA",
+           "FusedPatchMerging", "ResidualDWConvBN", "ResidualFFN", "ResidualSHSA", "SHSA", "SRA", "is_conv_bn",
+           "is_depthwise", "is_ffn", "is_patch_merging", "is_residual", "is_shsa"]

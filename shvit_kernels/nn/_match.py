@@ -23,6 +23,22 @@ def is_depthwise(m: nn.Module, stride: int | None = None) -> bool:
     return ok and (stride is None or c.stride == (stride, stride))
 
 
+def is_pointwise(m: nn.Module) -> bool:
+    """A conv-BN pair whose conv is a plain 1x1 (stride 1, no padding, one group)."""
+    if not is_conv_bn(m):
+        return False
+    c = m.c
+    return c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0) and c.groups == 1
+
+
+def is_ffn(m: nn.Module) -> bool:
+    """SHViT's FFN: 1x1 conv-BN `pw1` (d -> h), ReLU `act`, 1x1 conv-BN `pw2` (h -> d)."""
+    pw1, pw2 = getattr(m, "pw1", None), getattr(m, "pw2", None)
+    return is_pointwise(pw1) and is_pointwise(pw2) and type(getattr(m, "act", None)) is nn.ReLU \
+        and len(list(m.children())) == 3 and pw1.c.in_channels == pw2.c.out_channels \
+        and pw1.c.out_channels == pw2.c.in_channels
+
+
 def is_residual(m: nn.Module) -> bool:
     """`x + m(x)` with the branch in child `m` (official Residual, timm Residual); stochastic depth allowed."""
     return type(m).__name__ == "Residual" and isinstance(getattr(m, "m", None), nn.Module) \

@@ -116,6 +116,27 @@ class FoldedResidualSHSA(Residual):
     reference_forward = Residual.forward  # x + m(x), with m on its own reference_forward under export
 
 
+class FoldedResidualFFN(Residual):
+    """x + FFN(x) with both BNs folded: `m.pw1`, `m.pw2` are 1x1 Conv2d with bias (the official deploy keys);
+    runs the fused `shvit::ffn` op."""
+
+    @classmethod
+    def from_module(cls, ffn_block: nn.Module) -> FoldedResidualFFN:
+        """Fold a (fused or stock) Residual(FFN); the FFN keeps its class, child names and activation."""
+        ffn = ffn_block.m
+        m = type(ffn).__new__(type(ffn))
+        nn.Module.__init__(m)
+        for name, child in ffn.named_children():
+            m.add_module(name, fold_conv_bn(child) if name in ("pw1", "pw2") else child)
+        return cls(m).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pw1, pw2 = self.m.pw1, self.m.pw2
+        return ops.ffn(x, pw1.weight.flatten(1), pw1.bias, pw2.weight.flatten(1), pw2.bias)
+
+    reference_forward = Residual.forward  # x + pw2(act(pw1(x))) with the folded convs
+
+
 class FoldedPatchMerging(nn.Module):
     """PatchMerging with folded convs; `conv2` is a DWConv with the second ReLU fused. Keys as the stock one's."""
 

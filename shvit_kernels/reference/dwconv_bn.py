@@ -27,7 +27,8 @@ def fwd(x, weight, bias, stride: int, relu: bool):
 
 def train_fwd(x, weight, bn_weight, bn_bias, eps: float, stride: int, residual: bool, relu: bool):
     z = _conv(x, weight, stride)
-    var, mean = torch.var_mean(z, (0, 2, 3), correction=0)
+    mean = z.mean((0, 2, 3))  # as nn.BatchNorm2d: sum / count (an Inf input gives an Inf mean, var_mean's is NaN)
+    var = (z - mean[:, None, None]).square().mean((0, 2, 3))
     y = (z - mean[:, None, None]) * torch.rsqrt(var + eps)[:, None, None] * _acc(bn_weight)[:, None, None] \
         + _acc(bn_bias)[:, None, None]
     if residual:

@@ -79,8 +79,9 @@ class _BatchNorm:
         self.w, self.b, self.eps, self.mean, self.var = _acc(w), _acc(b), eps, mean, var
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if self.mean is None:
-            self.var, self.mean = torch.var_mean(z, (0, 2), correction=0)
+        if self.mean is None:  # as nn.BatchNorm2d: sum / count (an Inf input gives an Inf mean, var_mean's is NaN)
+            self.mean = z.mean((0, 2))
+            self.var = (z - self.mean[:, None]).square().mean((0, 2))
         self.invstd = torch.rsqrt(self.var + self.eps)
         self.zhat = (z - self.mean[:, None]) * self.invstd[:, None]
         return self.zhat * self.w[:, None] + self.b[:, None]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 import shvit_kernels as sk
 from shvit_kernels import ops, use_backend
 from shvit_kernels import reference as R
-from shvit_kernels.nn import FusedPatchMerging, ResidualDWConvBN, ResidualSHSA
+from shvit_kernels.nn import FusedPatchMerging, ResidualDWConvBN, ResidualFFN, ResidualSHSA
 from tests.helpers import cpu_backends, randomize_bn
 
 D = torch.float64
@@ -93,6 +93,16 @@ def op_shsa_train(dim=6, pdim=3, qk_dim=2):
     return _op(ops.shsa_train, "qkv_bn_weight", **_shsa_args(dim, pdim, qk_dim, True))
 
 
+def op_ffn():
+    return _op(ops.ffn, "pw2_bias", x=torch.randn(B, 4, 3, 3, dtype=D), pw1_weight=_p(8, 4), pw1_bias=_p(8),
+               pw2_weight=_p(4, 8), pw2_bias=_p(4))
+
+
+def op_ffn_train():
+    return _op(ops.ffn_train, "bn1_weight", x=torch.randn(B, 4, 3, 3, dtype=D), pw1_weight=_p(8, 4),
+               bn1_weight=_p(8), bn1_bias=_p(8), pw2_weight=_p(4, 8), bn2_weight=_p(4), bn2_bias=_p(4))
+
+
 def op_sra_reduce(W=4, sr_ratio=2):
     return _op(ops.sra_reduce, "ln_bias", x=torch.randn(B, 16, 8, dtype=D), h=4, w=W, sr_weight=_p(8, 8, 2, 2),
                sr_bias=_p(8), ln_weight=_p(8), ln_bias=_p(8), sr_ratio=sr_ratio)
@@ -132,6 +142,10 @@ def mod_patch_merging(train, dim=4, out_dim=8):
                    torch.randn(B, dim, 4, 4, dtype=D))
 
 
+def mod_residual_ffn(train, dim=4):
+    return _module(ResidualFFN(dim), R.Residual(R.FFN(dim, 2 * dim)), train, torch.randn(B, dim, 3, 3, dtype=D))
+
+
 def mod_sra(W=4, num_heads=2, sr_ratio=2, linear=False):
     cfg = dict(dim=8, num_heads=num_heads, qkv_bias=True, sr_ratio=sr_ratio, linear=linear)
     return _module(sk.SRA(**cfg), R.SRA(**cfg), False, torch.randn(B, 16, 8, dtype=D), H=4, W=W)
@@ -139,11 +153,12 @@ def mod_sra(W=4, num_heads=2, sr_ratio=2, linear=False):
 
 def mod_convert(train, model="shvit blocks"):
     """convert() of a model holding every fusable block; the converted model is the entry point."""
-    stock = nn.Sequential(R.residual_dwconv(6), R.Residual(R.SHSA(6, 2, 3)), R.PatchMerging(6, 8))
+    stock = nn.Sequential(R.residual_dwconv(6), R.Residual(R.SHSA(6, 2, 3)), R.PatchMerging(6, 8),
+                          R.Residual(R.FFN(8, 16)))
     if model != "shvit blocks":
         sk.convert(stock[1] if model == "a block" else model)
     fused = sk.convert(randomize_bn(copy.deepcopy(stock)))
-    assert [type(m) for m in fused] == [ResidualDWConvBN, ResidualSHSA, FusedPatchMerging]
+    assert [type(m) for m in fused] == [ResidualDWConvBN, ResidualSHSA, FusedPatchMerging, ResidualFFN]
     return _module(fused, stock, train, torch.randn(B, 6, 4, 4, dtype=D))
 
 
@@ -153,13 +168,15 @@ def _mode(make, train):
 
 # name -> (factory(**config) -> Setup, the ops it runs (on their common CPU backends),
 #         expected message for one channel too many)
-_MAPS = ("dwconv_bn", "shsa")
+_MAPS = ("dwconv_bn", "shsa", "ffn")
 ENTRIES = {
     "ops.dwconv_bn": (op_dwconv_bn, ("dwconv_bn",), r"^weight must have shape \(5, 1, k, k\) for x with 5 channels"),
     "ops.dwconv_bn_train": (op_dwconv_bn_train, ("dwconv_bn",),
                             r"^weight must have shape \(5, 1, k, k\) for x with 5 channels"),
     "ops.shsa": (op_shsa, ("shsa",), r"^proj_weight must have shape \(7, 7\) for x with 7 channels"),
     "ops.shsa_train": (op_shsa_train, ("shsa",), r"^proj_weight must have shape \(7, 7\) for x with 7 channels"),
+    "ops.ffn": (op_ffn, ("ffn",), r"^pw1_weight must have shape \(h, 5\) for x with 5 channels"),
+    "ops.ffn_train": (op_ffn_train, ("ffn",), r"^pw1_weight must have shape \(h, 5\) for x with 5 channels"),
     "ops.sra_reduce": (op_sra_reduce, ("sra",), r"^sr_weight must have shape \(9, 9, 2, 2\) for x with 9 channels"),
     "ops.sra_attention": (op_sra_attention, ("sra",),
                           r"^red must have shape \(2, M >= 1, 9\) for x of shape \(2, 16, 9\)"),
@@ -171,6 +188,8 @@ ENTRIES = {
                                  r"^x must have shape \(B, 4, H, W\), got \(2, 5,") for m in ("eval", "train")},
     **{f"FusedPatchMerging.{m}": (_mode(mod_patch_merging, m == "train"), ("dwconv_bn",),
                                   r"^x must have shape \(B, 4, H, W\), got \(2, 5,") for m in ("eval", "train")},
+    **{f"ResidualFFN.{m}": (_mode(mod_residual_ffn, m == "train"), ("ffn",),
+                            r"^x must have shape \(B, 4, H, W\), got \(2, 5,") for m in ("eval", "train")},
     "SRA.sr2": (mod_sra, ("sra",), r"^x must have shape \(B, N, 8\), got \(2, 16, 9\)"),
     "SRA.sr1": (lambda **c: mod_sra(**{"sr_ratio": 1, **c}), ("sra",), r"^x must have shape \(B, N, 8\), got"),
     "SRA.linear": (lambda **c: mod_sra(linear=True, **c), ("sra",), r"^x must have shape \(B, N, 8\), got"),
@@ -247,6 +266,7 @@ _ANY_PARAM = r"[\w.]+"
 TABLE = [
     *_common_rows("ops.dwconv_bn", 4, "weight"), *_common_rows("ops.dwconv_bn_train", 4, "bn_weight"),
     *_common_rows("ops.shsa", 4, "proj_bias"), *_common_rows("ops.shsa_train", 4, "qkv_bn_weight"),
+    *_common_rows("ops.ffn", 4, "pw2_bias"), *_common_rows("ops.ffn_train", 4, "bn1_weight"),
     *_common_rows("ops.sra_reduce", 3, "ln_bias"), *_common_rows("ops.sra_attention", 3, "kv_weight"),
     *(row for e in ENTRIES if not e.startswith("ops.")
       for row in _common_rows(e, 3 if e.startswith("SRA") else 4, _ANY_PARAM)),
@@ -257,6 +277,7 @@ TABLE = [
     ("ResidualSHSA.eval", "m not an SHSA", TypeError, r"^ResidualSHSA: m must be an SHSA .*, got Conv2d"),
     ("ResidualDWConvBN.eval", "ks even", ValueError, r"^ResidualDWConvBN: ks must be odd and at most 7, got 4"),
     ("ResidualDWConvBN.eval", "dim = 0", ValueError, r"^ResidualDWConvBN: dim must be a positive int, got 0"),
+    ("ResidualFFN.eval", "dim = 0", ValueError, r"^ResidualFFN: dim must be a positive int, got 0"),
     ("FusedPatchMerging.eval", "dim = 0", ValueError, r"^FusedPatchMerging: dim must be a positive int, got 0"),
     ("FusedPatchMerging.eval", "out_dim < 0", ValueError,
      r"^FusedPatchMerging: out_dim must be a positive int, got -1"),
@@ -367,7 +388,7 @@ def test_nan_and_inf_propagate_as_in_stock(entry, backend, value):
     _assert_same_buffers(s)
 
 
-@pytest.mark.parametrize("entry", ["SHSA.eval", "ResidualSHSA.eval", "ResidualDWConvBN.eval"])
+@pytest.mark.parametrize("entry", ["SHSA.eval", "ResidualSHSA.eval", "ResidualDWConvBN.eval", "ResidualFFN.eval"])
 def test_eval_fold_follows_the_input_dtype(entry):
     """The eval modules fold BN into weights of the input's dtype and cache them: an input of another dtype
     must re-fold, not reuse the cached weights (which failed with "qkv_weight has dtype torch.float32 ...")."""

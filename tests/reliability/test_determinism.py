@@ -10,9 +10,9 @@ Audit of the kernels for scheduling-dependent arithmetic (issue #10, point 3):
 - CUDA (csrc/cuda): no `atomicAdd`; per-block partials reduced in a fixed order (reduce.cu), fixed shuffle / shared
   memory trees, split counts fixed by the shape (`wgrad_splits`, `grad_w_partials`, `conv_partials_*`). The same.
 - C++ (csrc/cpu): no OpenMP reductions or atomics. dwconv_bn sums each channel inside one task in a fixed order;
-  SHSA's tasks are fixed by the shapes, their partials added in task order, BLAS runs single-threaded inside a task
-  and the weight-gradient GEMMs are split into fixed row chunks. Both claim results independent of the thread
-  count: checked below for 1 vs 2 threads.
+  SHSA's and FFN's tasks are fixed by the shapes, their partials added in task order, BLAS runs single-threaded
+  inside a task and the weight-gradient GEMMs are split into fixed row chunks. All claim results independent of the
+  thread count: checked below for 1 vs 2 threads.
 - ATen pieces: the eval-form dwconv_bn backward (every backend) is ATen's depthwise `convolution_backward`:
   deterministic run to run (cuDNN picks deterministic algorithms under the flag), but on CPU with channels_last its
   weight / bias gradients depend on the thread count, so the thread-count check covers the eval forward only.
@@ -82,6 +82,22 @@ def _shsa(train: bool):
     return case
 
 
+def _ffn(train: bool, channels_last: bool):
+    def case(device, dtype, size):
+        b, c, h, w = (2, 6, 3, 5) if size == "small" else (8, 24, 7, 7)
+        kw = dict(device=device, dtype=dtype)
+        x = _leaf(b, c, h, w, **kw, fmt=torch.channels_last if channels_last else torch.contiguous_format)
+        w1, w2 = _leaf(2 * c, c, **kw, scale=c ** -0.5), _leaf(c, 2 * c, **kw, scale=(2 * c) ** -0.5)
+        g1, b1 = _leaf(2 * c, **kw, scale=0.2, offset=1.0), _leaf(2 * c, **kw, scale=0.2)
+        g2, b2 = _leaf(c, **kw, scale=0.2, offset=1.0), _leaf(c, **kw, scale=0.2)
+        if train:
+            leaves = [x, w1, g1, b1, w2, g2, b2]
+            return (lambda: _flat(*ops.ffn_train(*leaves))), leaves
+        leaves = [x, w1, b1, w2, b2]
+        return (lambda: (ops.ffn(*leaves),)), leaves
+    return case
+
+
 def _flat(y, stats):
     return (y, *stats)
 
@@ -116,6 +132,8 @@ CASES = {
     "dwconv_bn-train-channels_last-stride2": ("dwconv_bn", _dwconv(True, 2, True), True),
     "shsa-eval": ("shsa", _shsa(False), True),
     "shsa-train": ("shsa", _shsa(True), True),
+    "ffn-eval": ("ffn", _ffn(False, False), True),
+    "ffn-train-channels_last": ("ffn", _ffn(True, True), True),
     "sra_reduce": ("sra", _sra_reduce(False), False),
     "sra_reduce-linear": ("sra", _sra_reduce(True), False),
     "sra_attention": ("sra", _sra_attention, False),
