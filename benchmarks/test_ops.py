@@ -1,4 +1,4 @@
-"""Stock eager vs fused, per op (dwconv_bn, shsa, sra) and mode (eval forward; training forward, backward,
+"""Stock eager vs fused, per op (dwconv_bn, ffn, shsa, sra) and mode (eval forward; training forward, backward,
 forward + backward), on the device at hand, per dtype. Cases and counted costs: shvit_kernels/bench.py."""
 import pytest
 

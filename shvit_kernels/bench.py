@@ -23,8 +23,9 @@ from torch import nn
 from . import autotable, backends
 from .convert import convert
 from .nn import SRA as FusedSRA
-from .reference import SRA, Residual, SHSA, residual_dwconv
-from .roofline import MODES, Ceilings, Cost, dwconv_bn_cost, rotate, rotation_sets, shsa_cost, sra_cost, time_ms
+from .reference import FFN, SRA, Residual, SHSA, residual_dwconv
+from .roofline import (MODES, Ceilings, Cost, dwconv_bn_cost, ffn_cost, rotate, rotation_sets, shsa_cost, sra_cost,
+                       time_ms)
 
 __all__ = ["IMPLS", "MODES", "Case", "Prepared", "Result", "add_compiled", "cases", "compile_module", "environment",
            "format_table", "prepare", "randomize_bn", "run_case", "table", "time_ms"]
@@ -91,11 +92,13 @@ class Case:
 
 
 def cases(batch: int) -> list[Case]:
-    """SHViT-S4 shapes of the issues, stage 1 (224 ch, 16x16 at 256 px) and stage 2 (336 ch, pdim 72, 8x8), and
-    PVTv2-b1's stage 1 attention (64 ch, 56x56 tokens, one head, sr 8)."""
+    """SHViT-S4 shapes of the issues, stage 1 (224 ch, 16x16 at 256 px: depthwise block and FFN 224 -> 448 -> 224)
+    and stage 2 (336 ch, pdim 72, 8x8), and PVTv2-b1's stage 1 attention (64 ch, 56x56 tokens, one head, sr 8)."""
     return [
         Case("dwconv_bn", f"{batch}x224x16x16 k3", lambda: residual_dwconv(224), (batch, 224, 16, 16),
              lambda e: dwconv_bn_cost(batch, 224, 16, 16, 3, 1, e)),
+        Case("ffn", f"{batch}x224x16x16 h448", lambda: Residual(FFN(224, 448)), (batch, 224, 16, 16),
+             lambda e: ffn_cost(batch, 224, 448, 256, e)),
         Case("shsa", f"{batch}x336x8x8 p72", lambda: Residual(SHSA(336, 16, 72)), (batch, 336, 8, 8),
              lambda e: shsa_cost(batch, 336, 72, 16, 64, e)),
         Case("sra", f"{batch}x3136x64 h1 sr8", lambda: SRA(64, 1, qkv_bias=True, sr_ratio=8), (batch, 56 * 56, 64),

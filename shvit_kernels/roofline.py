@@ -191,6 +191,13 @@ def shsa_cost(b: int, dim: int, pdim: int, qk: int, n: int, elem: int) -> dict[s
     return by_mode(flops, b * n * dim, b * n * dim, params, elem)
 
 
+def ffn_cost(b: int, dim: int, hidden: int, n: int, elem: int) -> dict[str, Cost]:
+    """Residual FFN over n tokens: 1x1 dim -> hidden, BN, ReLU, 1x1 hidden -> dim, BN, residual add."""
+    flops = b * n * (4 * dim * hidden + 3 * hidden + 3 * dim)
+    params = 2 * dim * hidden + 2 * hidden + 2 * dim
+    return by_mode(flops, b * n * dim, b * n * dim, params, elem)
+
+
 def sra_cost(b: int, n: int, c: int, heads: int, sr: int, elem: int) -> dict[str, Cost]:
     """PVT spatial-reduction attention (v1 / v2 conv reduction, sr > 1): n tokens, m = n / sr^2 keys."""
     m = n // (sr * sr)
