@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import platform
@@ -199,14 +200,12 @@ def _bench(args: argparse.Namespace) -> int:
                 compile_jobs.append((f"{case.op} {mode} compile",
                                      lambda c=case, m=mode, rows=rows: bench.add_compiled(
                                          rows, c, m, device, dtype, args.reps, ceilings) if rows else None))
-    for model in models:
-        for scenario in bench_models.SCENARIOS:
-            for variant in variants:
-                job = (f"{model} {scenario} {variant}",
-                       lambda mo=model, s=scenario, v=variant: bench_models.run_model(
-                           mo, s, v, device, dtype, ceilings, None if s == "infer b1" else args.model_batch,
-                           args.resolution, args.model_reps))
-                (compile_jobs if bench_models.VARIANTS[variant][1] else jobs).append(job)
+    for model, layout, scenario, variant in itertools.product(models, args.layout, bench_models.SCENARIOS, variants):
+        job = (f"{model} {scenario} {variant}" + f" {layout}" * (len(args.layout) > 1),
+               lambda mo=model, s=scenario, v=variant, cl=layout == "channels_last": bench_models.run_model(
+                   mo, s, v, device, dtype, ceilings, None if s == "infer b1" else args.model_batch,
+                   args.resolution, args.model_reps, cl))
+        (compile_jobs if bench_models.VARIANTS[variant][1] else jobs).append(job)
     jobs += compile_jobs
 
     print(f"device {device} ({env['device_name']})  dtype {args.dtype}  torch {env['torch']}  triton {env['triton']}  "
@@ -298,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--resolution", type=int, help="model input size (default 224; S4 256)")
     b.add_argument("--model-batch", type=int,
                    help="batch of the models' throughput and training scenarios (default GPU 256 / 128, CPU 8 / 4)")
+    b.add_argument("--layout", nargs="+", default=["nchw"], choices=["nchw", "channels_last"],
+                   help="memory format of every model variant and its input (stock and fused alike); both: one row "
+                        "each")
     b.add_argument("--model-reps", type=int, default=5, help="timed calls per model case on the CPU")
     b.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     b.add_argument("--reps", type=int, default=20, help="timed calls per op case on the CPU")

@@ -18,6 +18,7 @@ import time
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import autotable, backends
@@ -93,7 +94,8 @@ class Case:
 
 def cases(batch: int) -> list[Case]:
     """SHViT-S4 shapes of the issues, stage 1 (224 ch, 16x16 at 256 px: depthwise block and FFN 224 -> 448 -> 224)
-    and stage 2 (336 ch, pdim 72, 8x8), and PVTv2-b1's stage 1 attention (64 ch, 56x56 tokens, one head, sr 8)."""
+    and stage 2 (336 ch, pdim 72, 8x8), and PVTv2-b2's stage 1 and 2 attention (56x56 tokens, 64 ch, one head,
+    sr 8; 28x28 tokens, 128 ch, two heads, sr 4) against stock PVT and stock with SDPA ("sdpa" rows)."""
     return [
         Case("dwconv_bn", f"{batch}x224x16x16 k3", lambda: residual_dwconv(224), (batch, 224, 16, 16),
              lambda e: dwconv_bn_cost(batch, 224, 16, 16, 3, 1, e)),
@@ -101,9 +103,32 @@ def cases(batch: int) -> list[Case]:
              lambda e: ffn_cost(batch, 224, 448, 256, e)),
         Case("shsa", f"{batch}x336x8x8 p72", lambda: Residual(SHSA(336, 16, 72)), (batch, 336, 8, 8),
              lambda e: shsa_cost(batch, 336, 72, 16, 64, e)),
-        Case("sra", f"{batch}x3136x64 h1 sr8", lambda: SRA(64, 1, qkv_bias=True, sr_ratio=8), (batch, 56 * 56, 64),
-             lambda e: sra_cost(batch, 56 * 56, 64, 1, 8, e), args=(56, 56), make_fused=FusedSRA.from_module),
+        *(Case("sra", f"{batch}x{hw * hw}x{dim} h{heads} sr{sr}{tag}", _sra_maker(cls, dim, heads, sr),
+               (batch, hw * hw, dim), _sra_cost(batch, hw, dim, heads, sr), args=(hw, hw),
+               make_fused=FusedSRA.from_module)
+          for hw, dim, heads, sr in ((56, 64, 1, 8), (28, 128, 2, 4)) for cls, tag in ((SRA, ""), (SDPASRA, " sdpa"))),
     ]
+
+
+class SDPASRA(SRA):
+    """Stock SRA with its attention through F.scaled_dot_product_attention (as timm's PVT v2 runs it): the
+    strongest stock baseline for the fused SRA. Same parameters, same outputs."""
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.q(x).reshape(b, n, self.num_heads, -1).transpose(1, 2)
+        k, v = self.kv(self.reduce(x, H, W)).reshape(b, -1, 2, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        drop = self.attn_drop.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+
+
+def _sra_maker(cls: type, dim: int, heads: int, sr: int) -> Callable[[], nn.Module]:
+    return lambda: cls(dim, heads, qkv_bias=True, sr_ratio=sr)
+
+
+def _sra_cost(batch: int, hw: int, dim: int, heads: int, sr: int) -> Callable[[int], dict[str, Cost]]:
+    return lambda e: sra_cost(batch, hw * hw, dim, heads, sr, e)
 
 
 def _bind(m: nn.Module, mode: str, x: torch.Tensor, args: tuple) -> Callable[[], object]:

@@ -6,6 +6,8 @@ Scenarios (default sizes: `default_batch`; 224 px, S4 256 px as in the paper):
   (launch gaps would otherwise dominate); compiled ones use inductor's own CUDA graphs (mode="max-autotune").
 - "infer batch": throughput at a large batch, the model cast to the run's dtype.
 - "train step": forward + cross-entropy + backward + SGD step, under autocast when the dtype is fp16/bf16.
+Layout: NCHW, or with `channels_last` every variant's model and input in channels_last (stock and fused alike, so
+that a layout gain is not credited to fusion; on the CPU oneDNN's convolutions are much faster in channels_last).
 % of peak: the FLOPs torch's FlopCounterMode counts for the stock forward (x3 for a training step) over the time,
 against the matrix-product ceiling measured in the same run. Peak memory: torch.cuda.max_memory_allocated over one
 warm call.
@@ -49,6 +51,7 @@ class ModelResult:
     batch: int
     resolution: int
     dtype: str
+    layout: str                 # "nchw" or "channels_last"
     ms: float | None            # median per call; None when skipped or failed (see note)
     images_per_s: float | None
     gflop: float                # counted work of one call
@@ -105,9 +108,11 @@ def cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
 
 
 def make_call(m: nn.Module, scenario: str, device: torch.device, dtype: torch.dtype, batch: int, resolution: int,
-              compiled: bool) -> tuple[Callable[[], object], str]:
+              compiled: bool, channels_last: bool = False) -> tuple[Callable[[], object], str]:
     """(one timed call, a note on how it runs) for model m in `scenario`."""
     x = torch.randn(batch, 3, resolution, resolution, device=device)
+    if channels_last:
+        m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     if scenario == "train step":
         half = dtype in (torch.float16, torch.bfloat16)
         m.train()
@@ -157,30 +162,35 @@ class PreparedModel:
 
 
 def prepare_model(model: str, scenario: str, variant: str, device: torch.device, dtype: torch.dtype,
-                  batch: int | None = None, resolution: int | None = None) -> PreparedModel:
+                  batch: int | None = None, resolution: int | None = None,
+                  channels_last: bool = False) -> PreparedModel:
     """Build and warm one (model, scenario, variant); raises Unavailable when the variant cannot run here."""
     if variant not in VARIANTS or scenario not in SCENARIOS:
         raise ValueError(f"variant in {tuple(VARIANTS)}, scenario in {SCENARIOS}; got {variant!r}, {scenario!r}")
     batch = batch or default_batch(scenario, device)
     resolution = resolution or default_resolution(model)
     kind, compiled = VARIANTS[variant]
-    fn, note = make_call(build(model, kind, device), scenario, device, dtype, batch, resolution, compiled)
+    fn, note = make_call(build(model, kind, device), scenario, device, dtype, batch, resolution, compiled,
+                         channels_last)
     fn()  # a compiled model compiles here (seconds to minutes), before anything is timed
     gflop = forward_gflop(model, resolution) * batch * (3 if scenario == "train step" else 1)
     return PreparedModel(fn, note, batch, resolution, gflop)
 
 
 def run_model(model: str, scenario: str, variant: str, device: torch.device, dtype: torch.dtype, ceilings: Ceilings,
-              batch: int | None = None, resolution: int | None = None, reps: int = 5) -> ModelResult:
+              batch: int | None = None, resolution: int | None = None, reps: int = 5,
+              channels_last: bool = False) -> ModelResult:
     """Time one (model, scenario, variant); a variant that cannot run here comes back with ms None and a note."""
     dt = str(dtype).removeprefix("torch.")
+    layout = "channels_last" if channels_last else "nchw"
     try:
-        p = prepare_model(model, scenario, variant, device, dtype, batch, resolution)
+        p = prepare_model(model, scenario, variant, device, dtype, batch, resolution, channels_last)
     except Unavailable as e:
         return ModelResult(model, scenario, variant, batch or default_batch(scenario, device),
-                           resolution or default_resolution(model), dt, None, None, 0.0, None, None, f"skipped: {e}")
+                           resolution or default_resolution(model), dt, layout, None, None, 0.0, None, None,
+                           f"skipped: {e}")
     ms = time_ms(p.fn, device, reps, warmup=1, rep_ms=1000)
-    result = ModelResult(model, scenario, variant, p.batch, p.resolution, dt, ms, p.batch / (ms * 1e-3), p.gflop,
+    result = ModelResult(model, scenario, variant, p.batch, p.resolution, dt, layout, ms, p.batch / (ms * 1e-3), p.gflop,
                          100 * p.gflop * 1e9 / (ms * 1e-3) / ceilings.flops_per_s, peak_mib(p.fn, device), p.note)
     del p
     release(device)
@@ -196,27 +206,27 @@ def release(device: torch.device) -> None:
 
 
 def by_row(results: list[ModelResult]) -> dict[tuple, dict[str, ModelResult]]:
-    """(model, scenario, batch, resolution) -> variant -> result."""
+    """(model, scenario, batch, resolution, layout) -> variant -> result."""
     rows: dict[tuple, dict[str, ModelResult]] = {}
     for r in results:
-        rows.setdefault((r.model, r.scenario, r.batch, r.resolution), {})[r.variant] = r
+        rows.setdefault((r.model, r.scenario, r.batch, r.resolution, r.layout), {})[r.variant] = r
     return rows
 
 
 def format_table(results: list[ModelResult], markdown: bool = False) -> str:
     from .bench import fmt, table
 
-    head = ["model", "scenario", "batch", "px", *(f"{v} ms" for v in VARIANTS), "fused vs eager",
+    head = ["model", "scenario", "batch", "px", "layout", *(f"{v} ms" for v in VARIANTS), "fused vs eager",
             "fused vs compile", "fused+compile vs compile", "fused img/s", "fused % peak", "eager MiB", "fused MiB",
             "notes"]
     rows = []
-    for (model, scenario, batch, res), got in by_row(results).items():
+    for (model, scenario, batch, res, layout), got in by_row(results).items():
         ms = {v: got[v].ms if v in got else None for v in VARIANTS}
         ratios = [fmt(ms[num] / ms[den] if ms[num] and ms[den] else None, ".2f", "x")
                   for num, den in (("eager", "fused"), ("compile", "fused"), ("compile", "fused+compile"))]
         fused = got.get("fused")
         notes = sorted({f"{v}: {r.note}" for v, r in got.items() if r.note})
-        rows.append([model, scenario, str(batch), str(res), *(fmt(ms[v], ".2f") for v in VARIANTS),
+        rows.append([model, scenario, str(batch), str(res), layout, *(fmt(ms[v], ".2f") for v in VARIANTS),
                      *ratios,
                      fmt(fused and fused.images_per_s, ".0f"), fmt(fused and fused.flops_pct, ".1f", "%"),
                      fmt(got["eager"].peak_mib if "eager" in got else None, ".0f"),
