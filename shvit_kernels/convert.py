@@ -7,12 +7,12 @@ import warnings
 
 from torch import nn
 
-from .nn import SHSA, FusedPatchMerging, ResidualDWConvBN, ResidualFFN, ResidualSHSA, is_conv_bn, is_depthwise, \
-    is_ffn, is_patch_merging, is_residual, is_shsa
+from .nn import SHSA, ConvBN, FusedPatchMerging, FusedReLU, ResidualDWConvBN, ResidualFFN, ResidualSHSA, is_conv_bn, \
+    is_depthwise, is_ffn, is_patch_merging, is_residual, is_shsa
 from .nn.folded import DWConv, FoldedPatchMerging, FoldedResidualFFN, FoldedResidualSHSA, FoldedSHSA, \
     fold_bn_linear, fold_conv_bn
 
-_FUSED = (SHSA, ResidualSHSA, ResidualDWConvBN, FusedPatchMerging, ResidualFFN)
+_FUSED = (SHSA, ResidualSHSA, ResidualDWConvBN, FusedPatchMerging, ResidualFFN, ConvBN, FusedReLU)
 _FOLDED = (DWConv, FoldedSHSA, FoldedResidualSHSA, FoldedPatchMerging, FoldedResidualFFN)
 
 
@@ -52,6 +52,8 @@ def _folded(m: nn.Module) -> nn.Module | None:
         return FoldedPatchMerging.from_module(m, m._act1)
     if isinstance(m, ResidualFFN):
         return FoldedResidualFFN.from_module(m)
+    if isinstance(m, FusedReLU):  # its ConvBN folds to a plain conv: the ReLU comes back
+        return nn.ReLU()
     if is_conv_bn(m):  # stem, any other conv-BN pair (a depthwise one becomes a fused DWConv)
         return fold_conv_bn(m)
     if _is_bn_linear(m):
@@ -68,6 +70,25 @@ def _swap(parent: nn.Module, replacement) -> int:
         else:
             setattr(parent, name, new)
             count += 1
+    return count
+
+
+def _swap_conv_bn(parent: nn.Module) -> int:
+    """Every conv-BN pair left outside the fused modules (the stem) becomes a ConvBN; one followed by a ReLU in
+    a Sequential takes the ReLU in, whose slot keeps a FusedReLU (no state: the keys do not change)."""
+    count = 0
+    kids = list(parent.named_children())
+    for i, (name, child) in enumerate(kids):
+        if isinstance(child, _FUSED + _FOLDED):  # their own conv-BN pairs run inside their ops
+            continue
+        if is_conv_bn(child):
+            relu = isinstance(parent, nn.Sequential) and i + 1 < len(kids) and type(kids[i + 1][1]) is nn.ReLU
+            setattr(parent, name, ConvBN.from_module(child, relu))
+            if relu:
+                setattr(parent, kids[i + 1][0], FusedReLU())
+            count += 1
+        else:
+            count += _swap_conv_bn(child)
     return count
 
 
@@ -92,6 +113,8 @@ def convert(model: nn.Module, inference: bool = False) -> nn.Module:
         raise TypeError("convert: pass the model that holds the block, not the block itself "
                         "(or use the drop-in's from_module)")
     count = _swap(model, _replacement)
+    if count:  # an SHViT (not just any network with a conv-BN pair): its stem too
+        count += _swap_conv_bn(model)
     if inference:
         count += _swap(model, _folded)
         model.eval()

@@ -9,6 +9,7 @@ from ..ops._checks import check_positive_ints, check_same_device, check_tensor
 from ..reference import Conv2d_BN, PatchMerging, Residual
 from ..reference.conv_bn import bn_scale_shift
 from ._bn import FoldCache, update_running_stats, uses_batch_stats
+from .conv_bn import ConvBN
 from ._match import is_depthwise, is_patch_merging, is_residual, patch_merging_acts
 
 
@@ -62,13 +63,13 @@ class ResidualDWConvBN(Residual):
 
 
 class FusedPatchMerging(PatchMerging):
-    """PatchMerging whose stride-2 depthwise Conv2d_BN + ReLU runs as one fused op (same keys)."""
+    """PatchMerging whose stride-2 depthwise Conv2d_BN + ReLU runs as one fused op, and whose 1x1 convs are
+    ConvBNs (BN folded in eval; conv1 takes in the first ReLU). Same keys."""
 
     def __init__(self, dim: int, out_dim: int):
         check_positive_ints("FusedPatchMerging", dim=dim, out_dim=out_dim)
         super().__init__(dim, out_dim)
-        self._fold = FoldCache()
-        self._act1 = "act"
+        self._adopt("act")
 
     @classmethod
     def from_module(cls, stock: nn.Module) -> "FusedPatchMerging":
@@ -79,15 +80,21 @@ class FusedPatchMerging(PatchMerging):
         nn.Module.__init__(new)
         for name, child in stock.named_children():
             new.add_module(name, child)
-        new._fold = FoldCache()
-        new._act1 = patch_merging_acts(stock)[0]  # the second ReLU is fused into the depthwise op
+        new._adopt(patch_merging_acts(stock)[0])
         new.train(stock.training)
         return new
+
+    def _adopt(self, act1: str) -> None:
+        # Both ReLUs run inside the convs before them; the ReLU modules stay (no state) for the inference fold.
+        self._fold = FoldCache()
+        self._act1 = act1
+        self.conv1 = self.conv1 if isinstance(self.conv1, ConvBN) else ConvBN.from_module(self.conv1, relu=True)
+        self.conv3 = self.conv3 if isinstance(self.conv3, ConvBN) else ConvBN.from_module(self.conv3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.conv1.c.weight
         check_tensor("x", x, ndim=4, shape=("B", w.shape[1], "H", "W"))
         check_same_device("x", x, **{"conv1.c.weight": w})
-        x = getattr(self, self._act1)(self.conv1(x))
+        x = self.conv1(x)
         x = dwconv_bn_forward(self.conv2, self._fold, x, residual=False, relu=True)
         return self.conv3(self.se(x))
