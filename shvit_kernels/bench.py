@@ -9,6 +9,7 @@ How times, ceilings and % of roofline are obtained: `roofline.py`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -157,6 +158,12 @@ def _under(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
     return run
 
 
+def _keeping_buffers(on: bool) -> contextlib.AbstractContextManager:
+    """"train bwd" runs the backward of one kept graph repeatedly (retain_graph); a compiled graph must then not
+    donate (free) its saved buffers to the first backward."""
+    return torch._functorch.config.patch(donated_buffer=False) if on else contextlib.nullcontext()
+
+
 @dataclasses.dataclass
 class Prepared:
     fns: dict[str, Callable[[], object]]   # one timed call per implementation asked for
@@ -195,8 +202,8 @@ def prepare(case: Case, mode: str, device: torch.device, dtype: torch.dtype,
     for name in impls:
         m = compile_module(stock, device) if name == "compiled" else fused if name == "fused" else stock
         on = backend if name == "fused" else "auto"
-        with backends.use_backend(on):  # "train bwd" runs its forward passes here
-            calls = [_bind(m, mode, x, case.args) for x in xs]
+        with backends.use_backend(on), _keeping_buffers(name == "compiled" and mode == "train bwd"):
+            calls = [_bind(m, mode, x, case.args) for x in xs]  # "train bwd" runs its forward passes here
         fns[name] = _under(on, rotate(calls))
     return Prepared(fns, case.cost(elem)[mode], chosen, err, stock_err, len(xs))
 

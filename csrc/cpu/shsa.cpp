@@ -12,8 +12,9 @@
 //
 // Training BatchNorm needs batch statistics, hence pass boundaries: forward = (1) GroupNorm + pre-BN qkv of
 // every sample, then its BN, (2) attention + pre-BN proj, (3) proj BN + residual; backward = (1) recompute
-// the forward, (2) proj BN backward + attention backward, (3) qkv BN backward + GroupNorm backward, then the
-// weight gradients as one GEMM over the whole batch. The eval backward is one pass plus those GEMMs.
+// the forward (all but the pre-BN proj, the largest GEMM, when the caller had the forward keep it: proj_z),
+// (2) proj BN backward + attention backward, (3) qkv BN backward + GroupNorm backward, then the weight gradients
+// as one GEMM over the whole batch. The eval backward is one pass plus those GEMMs.
 //
 // Determinism: a task's result does not depend on the thread that runs it (BLAS runs single-threaded in every
 // task, and tasks are fixed by the shapes), reductions across tasks add per-task partials in task order, and
@@ -38,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
+#include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -342,6 +344,16 @@ at::Tensor grad_like_x(const at::Tensor& gy, const at::Tensor& x) {
   return gy.to(x.scalar_type()).contiguous();
 }
 
+// The pre-BN proj that the training forward keeps for the backward (optional): a contiguous tensor like x.
+const at::Tensor* kept_proj(const std::optional<at::Tensor>& z, const at::Tensor& x) {
+  if (!z) return nullptr;
+  check_float(*z, "proj_z");
+  TORCH_CHECK(z->sizes() == x.sizes() && z->scalar_type() == x.scalar_type() && z->is_contiguous(),
+              "shvit shsa: proj_z must be a contiguous tensor of x's shape ", x.sizes(), " and dtype ",
+              x.scalar_type(), ", got ", z->sizes(), " ", z->scalar_type());
+  return &*z;
+}
+
 void check_batch_stats(const Dims& d) {
   TORCH_CHECK(d.B * d.N > 1, "shvit shsa: BatchNorm training needs more than 1 value per channel, got B = ", d.B,
               " and H * W = ", d.N);
@@ -407,8 +419,9 @@ template <typename T>
 void train_forward(const Dims& d, const T* x, const T* gn_w, const T* gn_b, double gn_eps, const T* qkv_w,
                    const T* qkv_bn_w, const T* qkv_bn_b, double qkv_eps, const T* proj_w, const T* proj_bn_w,
                    const T* proj_bn_b, double proj_eps, bool residual, T* y, T* qkv_mean, T* qkv_var,
-                   T* proj_mean, T* proj_var) {
+                   T* proj_mean, T* proj_var, T* zp) {
   const int64_t B = d.B, N = d.N, ld = B * N;
+  T* z = zp ? zp : y;  // the pre-BN proj (NCHW): kept in zp for the backward when given, else BN'd in place
   // (1) GroupNorm + pre-BN qkv of every sample, kept in (O, B * N) layout, and its per-sample moments.
   const at::Tensor zq_t = buffer<T>(d.O * ld);
   T* zq = zq_t.mutable_data_ptr<T>();
@@ -430,7 +443,7 @@ void train_forward(const Dims& d, const T* x, const T* gn_w, const T* gn_b, doub
     }
   });
 
-  // (2) per span: attention + ReLU'd concat + pre-BN proj, written to y, and the span's moments.
+  // (2) per span: attention + ReLU'd concat + pre-BN proj, written to z, and the span's moments.
   std::vector<double> mp(d.spans() * d.C), m2p(d.spans() * d.C);
   std::vector<int64_t> count(d.spans());
   parallel_tasks(d.spans(), [&](int64_t t0, int64_t t1) {
@@ -444,17 +457,17 @@ void train_forward(const Dims& d, const T* x, const T* gn_w, const T* gn_b, doub
       count[t] = w;
       for (int64_t b = sp.b0; b < sp.b1; ++b)
         for (int64_t c = 0; c < d.C; ++c)
-          std::copy_n(s[2] + c * w + (b - sp.b0) * sp.m, sp.m, y + (b * d.C + c) * N + sp.i0);
+          std::copy_n(s[2] + c * w + (b - sp.b0) * sp.m, sp.m, z + (b * d.C + c) * N + sp.i0);
     }
   });
   combine_moments(mp, m2p, count, d.C, proj_mean, proj_var);
   const Affine<T> pn = Affine<T>::batch_norm(proj_mean, proj_var, proj_bn_w, proj_bn_b, proj_eps, d.C);
 
-  // (3) proj BN (+ residual) in place.
+  // (3) y = proj BN(z) (+ residual).
   parallel_tasks(B, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       T* ys = y + b * d.C * N;
-      pn.apply(ys, N, d.C, N, ys, N);
+      pn.apply(z + b * d.C * N, N, d.C, N, ys, N);
       if (residual) {
         const T* xs = x + b * d.C * N;
         for (int64_t i = 0; i < d.C * N; ++i) ys[i] += xs[i];
@@ -465,15 +478,16 @@ void train_forward(const Dims& d, const T* x, const T* gn_w, const T* gn_b, doub
 
 // ---- backward (eval and training) -------------------------------------------------------------------------
 
-// Gradients of all inputs. In training, qn / pn are the BatchNorms with the forward's batch statistics; in eval
-// they are the folded biases. Tasks are the groups of samples.
+// Gradients of all inputs. In training, qn / pn are the BatchNorms with the forward's batch statistics, and zp,
+// when not null, is the forward's pre-BN proj (NCHW); in eval they are the folded biases. Tasks are the groups of
+// samples.
 template <typename T>
 class Backward {
  public:
   Backward(const Dims& d, const T* gy, const T* x, const T* gn_w, const T* gn_b, double gn_eps, const T* qkv_w,
-           const T* proj_w, Affine<T> qn, Affine<T> pn, bool train, bool residual, T* gx)
+           const T* proj_w, Affine<T> qn, Affine<T> pn, bool train, bool residual, T* gx, const T* zp = nullptr)
       : d(d), gy(gy), x(x), gn_w(gn_w), gn_b(gn_b), gn_eps(gn_eps), qkv_w(qkv_w), proj_w(proj_w), qn(std::move(qn)),
-        pn(std::move(pn)), train(train), residual(residual), gx(gx), ld(d.B * d.N) {
+        pn(std::move(pn)), train(train), residual(residual), gx(gx), zp(zp), ld(d.B * d.N) {
     const int64_t rows = 2 * d.C + d.P + (train ? 3 : 2) * d.O;
     // With one query block per sample, training keeps all probabilities (B * N * N, small then) for pass (2).
     const bool keep_probs = train && d.blocks() == 1;
@@ -531,6 +545,7 @@ class Backward {
   const Affine<T> qn, pn;
   const bool train, residual;
   T* gx;
+  const T* zp;
 
   // Batch-wide buffers, (rows, B * N) with sample b in columns [b * N, (b + 1) * N): a group's GEMMs take its
   // columns at once, and the weight gradients are single GEMMs over the batch.
@@ -557,7 +572,8 @@ class Backward {
     return PR ? PR + b * d.N * d.N : s[1] + (b - sp.b0) * d.bm * d.N;
   }
 
-  // (1) Forward of group sp up to u (and, in training, proj's zhat and the proj BN partial sums).
+  // (1) Forward of group sp up to u (and, in training, proj's zhat, from zp or recomputed, and the proj BN
+  // partial sums).
   void forward(const Span& sp, const Scratch<T>& s) {
     const int64_t N = d.N, col = sp.b0 * N, w = sp.width();
     T* z = train ? ZH + col : A + col;
@@ -577,13 +593,15 @@ class Backward {
         attention_block(d, A + b * N, ld, x + (b * d.C + d.P) * N, i0, std::min(d.bm, N - i0), probs(sp, s, b),
                         U + b * N + i0, ld);
     if (train) {
-      T* zp = GP + col;
-      gemm<T>(false, false, d.C, w, d.C, 1.0, proj_w, d.C, U + col, ld, 0.0, zp, ld);
-      for (int64_t c = 0; c < d.C; ++c) {  // zp -> zhat in place
-        const T m = pn.mean[c], is = pn.invstd[c];
-        T* zr = zp + c * ld;
-        for (int64_t i = 0; i < w; ++i) zr[i] = (zr[i] - m) * is;
-      }
+      T* zh = GP + col;
+      if (!zp) gemm<T>(false, false, d.C, w, d.C, 1.0, proj_w, d.C, U + col, ld, 0.0, zh, ld);
+      for (int64_t b = sp.b0; b < sp.b1; ++b)
+        for (int64_t c = 0; c < d.C; ++c) {  // -> zhat
+          const T m = pn.mean[c], is = pn.invstd[c];
+          const T* zr = zp ? zp + (b * d.C + c) * N : zh + c * ld + (b - sp.b0) * N;
+          T* hr = zh + c * ld + (b - sp.b0) * N;
+          for (int64_t i = 0; i < N; ++i) hr[i] = (zr[i] - m) * is;
+        }
       for (int64_t b = sp.b0; b < sp.b1; ++b)
         grad_moments(gy + b * d.C * N, N, GP + b * N, ld, d.C, N, &proj_s1[b * d.C], &proj_s2[b * d.C]);
     } else {
@@ -740,8 +758,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shsa_trai
     const at::Tensor& x_in, const at::Tensor& gn_w_in, const at::Tensor& gn_b_in, double gn_eps,
     const at::Tensor& qkv_w_in, const at::Tensor& qkv_bn_w_in, const at::Tensor& qkv_bn_b_in, double qkv_eps,
     const at::Tensor& proj_w_in, const at::Tensor& proj_bn_w_in, const at::Tensor& proj_bn_b_in, double proj_eps,
-    int64_t qk_dim, bool residual) {
+    int64_t qk_dim, bool residual, const std::optional<at::Tensor>& proj_z) {
   const Dims d = check_main(x_in, gn_w_in, qkv_w_in, proj_w_in, qk_dim);
+  const at::Tensor* zp = kept_proj(proj_z, x_in);
   check_batch_stats(d);
   check_eps(gn_eps, "gn_eps");
   check_eps(qkv_eps, "qkv_eps");
@@ -760,7 +779,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> shsa_trai
     train_forward<T>(d, ptr<T>(x), ptr<T>(gn_w), ptr<T>(gn_b), gn_eps, ptr<T>(qkv_w), ptr<T>(qkv_bn_w),
                      ptr<T>(qkv_bn_b), qkv_eps, ptr<T>(proj_w), ptr<T>(proj_bn_w), ptr<T>(proj_bn_b), proj_eps,
                      residual, y.mutable_data_ptr<T>(), qkv_mean.mutable_data_ptr<T>(),
-                     qkv_var.mutable_data_ptr<T>(), proj_mean.mutable_data_ptr<T>(), proj_var.mutable_data_ptr<T>());
+                     qkv_var.mutable_data_ptr<T>(), proj_mean.mutable_data_ptr<T>(), proj_var.mutable_data_ptr<T>(),
+                     zp ? zp->mutable_data_ptr<T>() : nullptr);
   });
   return {y, qkv_mean, qkv_var, proj_mean, proj_var};
 }
@@ -772,8 +792,10 @@ shsa_train_bwd_cpu(const at::Tensor& gy_in, const at::Tensor& x_in, const at::Te
                    const at::Tensor& qkv_bn_b_in, double qkv_eps, const at::Tensor& proj_w_in,
                    const at::Tensor& proj_bn_w_in, const at::Tensor& proj_bn_b_in, double proj_eps,
                    const at::Tensor& qkv_mean_in, const at::Tensor& qkv_var_in, const at::Tensor& proj_mean_in,
-                   const at::Tensor& proj_var_in, int64_t qk_dim, bool residual) {
+                   const at::Tensor& proj_var_in, int64_t qk_dim, bool residual,
+                   const std::optional<at::Tensor>& proj_z) {
   const Dims d = check_main(x_in, gn_w_in, qkv_w_in, proj_w_in, qk_dim);
+  const at::Tensor* zp = kept_proj(proj_z, x_in);
   check_batch_stats(d);
   check_eps(gn_eps, "gn_eps");
   check_eps(qkv_eps, "qkv_eps");
@@ -799,7 +821,7 @@ shsa_train_bwd_cpu(const at::Tensor& gy_in, const at::Tensor& x_in, const at::Te
                                          qkv_eps, d.O),
                    Affine<T>::batch_norm(ptr<T>(proj_mean), ptr<T>(proj_var), ptr<T>(proj_bn_w),
                                          ptr<T>(proj_bn_b), proj_eps, d.C),
-                   true, residual, gx.mutable_data_ptr<T>());
+                   true, residual, gx.mutable_data_ptr<T>(), zp ? ptr<T>(*zp) : nullptr);
     bw.run();
     bw.weight_grads(g_qkv_w.mutable_data_ptr<T>(), g_proj_w.mutable_data_ptr<T>());
     fill<T>(g_gn_w, sum_samples(bw.gn_s2, d.B, d.P));
@@ -834,14 +856,14 @@ TORCH_LIBRARY_FRAGMENT(shvit, m) {
   m.def(
       "shsa_train_fwd_cpu(Tensor x, Tensor gn_w, Tensor gn_b, float gn_eps, Tensor qkv_w, Tensor qkv_bn_w, "
       "Tensor qkv_bn_b, float qkv_eps, Tensor proj_w, Tensor proj_bn_w, Tensor proj_bn_b, float proj_eps, "
-      "int qk_dim, bool residual) -> (Tensor y, Tensor qkv_mean, Tensor qkv_var, Tensor proj_mean, "
-      "Tensor proj_var)");
+      "int qk_dim, bool residual, Tensor(a!)? proj_z=None) -> (Tensor y, Tensor qkv_mean, Tensor qkv_var, "
+      "Tensor proj_mean, Tensor proj_var)");
   m.def(
       "shsa_train_bwd_cpu(Tensor gy, Tensor x, Tensor gn_w, Tensor gn_b, float gn_eps, Tensor qkv_w, "
       "Tensor qkv_bn_w, Tensor qkv_bn_b, float qkv_eps, Tensor proj_w, Tensor proj_bn_w, Tensor proj_bn_b, "
       "float proj_eps, Tensor qkv_mean, Tensor qkv_var, Tensor proj_mean, Tensor proj_var, int qk_dim, "
-      "bool residual) -> (Tensor gx, Tensor g_gn_w, Tensor g_gn_b, Tensor g_qkv_w, Tensor g_qkv_bn_w, "
-      "Tensor g_qkv_bn_b, Tensor g_proj_w, Tensor g_proj_bn_w, Tensor g_proj_bn_b)");
+      "bool residual, Tensor? proj_z=None) -> (Tensor gx, Tensor g_gn_w, Tensor g_gn_b, Tensor g_qkv_w, "
+      "Tensor g_qkv_bn_w, Tensor g_qkv_bn_b, Tensor g_proj_w, Tensor g_proj_bn_w, Tensor g_proj_bn_b)");
 }
 
 TORCH_LIBRARY_IMPL(shvit, CPU, m) {

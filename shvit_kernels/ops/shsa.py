@@ -16,13 +16,22 @@ from ._checks import autocast, check_same_device, check_same_dtype, check_tensor
 
 OP = "shsa"
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _cpu_train_fwd(x, *args):
+    # Keeps the pre-BN projection: recomputing it would be the backward's largest GEMM.
+    z = torch.empty_like(x)
+    return (*torch.ops.shvit.shsa_train_fwd_cpu(x, *args, z), z)
+
+
 backends.register(OP, "reference", ref, ("cpu", "cuda"), _ALL)
 backends.register(OP, "triton", "shvit_kernels.triton.shsa", ("cuda", "cpu"), _ALL)
 backends.register(OP, "cpu", SimpleNamespace(
     fwd=lambda *a: torch.ops.shvit.shsa_fwd_cpu(*a),
     bwd=lambda *a: torch.ops.shvit.shsa_bwd_cpu(*a),
-    train_fwd=lambda *a: torch.ops.shvit.shsa_train_fwd_cpu(*a),
-    train_bwd=lambda *a: torch.ops.shvit.shsa_train_bwd_cpu(*a)), ("cpu",), (torch.float32, torch.float64))
+    train_fwd=_cpu_train_fwd,
+    train_bwd=lambda *a, kept=None: torch.ops.shvit.shsa_train_bwd_cpu(*a, kept), takes_kept=True), ("cpu",),
+    (torch.float32, torch.float64))
 backends.register(OP, "cuda", SimpleNamespace(
     fwd=lambda *a: torch.ops.shvit.shsa_fwd_cuda(*a),
     bwd=lambda *a: torch.ops.shvit.shsa_bwd_cuda(*a),
@@ -83,9 +92,13 @@ _shsa.register_autograd(_eval_backward, setup_context=_eval_setup)
 @torch.library.custom_op("shvit::shsa_train", mutates_args=())
 def _shsa_train(x: Tensor, gn_w: Tensor, gn_b: Tensor, gn_eps: float, qkv_w: Tensor, qkv_bn_w: Tensor,
                 qkv_bn_b: Tensor, qkv_eps: float, proj_w: Tensor, proj_bn_w: Tensor, proj_bn_b: Tensor,
-                proj_eps: float, qk_dim: int, residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return backends.kernel(OP, x).train_fwd(x, gn_w, gn_b, gn_eps, qkv_w, qkv_bn_w, qkv_bn_b, qkv_eps, proj_w,
-                                            proj_bn_w, proj_bn_b, proj_eps, qk_dim, residual)
+                proj_eps: float, qk_dim: int, residual: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, qkv_mean, qkv_var, proj_mean, proj_var, kept): kept is what the backend's train_fwd returned after
+    the statistics for its train_bwd (the C++ kernel's pre-BN projection), flattened; empty when nothing."""
+    y, *stats = backends.kernel(OP, x).train_fwd(x, gn_w, gn_b, gn_eps, qkv_w, qkv_bn_w, qkv_bn_b, qkv_eps, proj_w,
+                                                 proj_bn_w, proj_bn_b, proj_eps, qk_dim, residual)
+    return y, *stats[:4], stats[4].view(-1) if len(stats) > 4 else x.new_empty(0)
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
@@ -97,19 +110,24 @@ def _(x, gn_w, gn_b, gn_eps, qkv_w, qkv_bn_w, qkv_bn_b, qkv_eps, proj_w, proj_bn
       residual):
     o, c = qkv_w.shape[0], x.shape[1]
     sd = _stat_dtype(x)
+    # kept's size depends on the backend chosen at run time; meta tensors (no such choice) keep nothing.
+    kept = x.new_empty(0 if x.is_meta else torch.library.get_ctx().new_dynamic_size())
     return (torch.empty_like(x), x.new_empty(o, dtype=sd), x.new_empty(o, dtype=sd), x.new_empty(c, dtype=sd),
-            x.new_empty(c, dtype=sd))
+            x.new_empty(c, dtype=sd), kept)
 
 
 @torch.library.custom_op("shvit::shsa_train_backward", mutates_args=())
 def _shsa_train_backward(grad_y: Tensor, x: Tensor, gn_w: Tensor, gn_b: Tensor, gn_eps: float, qkv_w: Tensor,
                          qkv_bn_w: Tensor, qkv_bn_b: Tensor, qkv_eps: float, proj_w: Tensor, proj_bn_w: Tensor,
                          proj_bn_b: Tensor, proj_eps: float, qkv_mean: Tensor, qkv_var: Tensor, proj_mean: Tensor,
-                         proj_var: Tensor, qk_dim: int, residual: bool
+                         proj_var: Tensor, kept: Tensor, qk_dim: int, residual: bool
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return backends.kernel(OP, x).train_bwd(grad_y, x, gn_w, gn_b, gn_eps, qkv_w, qkv_bn_w, qkv_bn_b, qkv_eps,
+    impl = backends.kernel(OP, x)
+    # kept is the C++ kernel's; a backward run under another backend than the forward recomputes instead.
+    extra = {"kept": kept.view(x.shape)} if kept.numel() and getattr(impl, "takes_kept", False) else {}
+    return impl.train_bwd(grad_y, x, gn_w, gn_b, gn_eps, qkv_w, qkv_bn_w, qkv_bn_b, qkv_eps,
                                             proj_w, proj_bn_w, proj_bn_b, proj_eps, qkv_mean, qkv_var, proj_mean,
-                                            proj_var, qk_dim, residual)
+                                            proj_var, qk_dim, residual, **extra)
 
 
 @_shsa_train_backward.register_fake
@@ -128,8 +146,8 @@ def _train_setup(ctx, inputs, output):
 
 def _train_backward(ctx, grad_y, *_grad_stats):
     saved = ctx.saved_tensors
-    stats = saved[-4:]
-    ctx_inputs = iter(saved[:-4])
+    stats = saved[-5:]  # the four statistics and kept
+    ctx_inputs = iter(saved[:-5])
     args = [next(ctx_inputs) if a is None else a for a in ctx.inputs]
     grads = _shsa_train_backward(grad_y.contiguous(), *args[:12], *stats, *args[12:])
     gx, ggw, ggb, gqw, gqbw, gqbb, gpw, gpbw, gpbb = grads
@@ -209,7 +227,7 @@ def shsa_train(x: Tensor, gn_weight: Tensor, gn_bias: Tensor, qkv_weight: Tensor
         return y, TrainStats(*nan)
     if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
         raise ValueError(f"x: BatchNorm training needs more than 1 value per channel, got shape {tuple(x.shape)}")
-    y, *stats = _shsa_train(_contig(x), gn_weight, gn_bias, float(gn_eps), qkv_weight, qkv_bn_weight, qkv_bn_bias,
-                            float(qkv_eps), proj_weight, proj_bn_weight, proj_bn_bias, float(proj_eps), qk_dim,
-                            residual)
+    y, *stats, _ = _shsa_train(_contig(x), gn_weight, gn_bias, float(gn_eps), qkv_weight, qkv_bn_weight,
+                               qkv_bn_bias, float(qkv_eps), proj_weight, proj_bn_weight, proj_bn_bias, float(proj_eps),
+                               qk_dim, residual)
     return y, TrainStats(*stats)

@@ -176,3 +176,37 @@ def test_bad_backward_inputs_name_the_argument():
     stats[3] = stats[3][:2]
     with pytest.raises(RuntimeError, match=r"proj_var must have shape \(12,\)"):
         torch.ops.shvit.shsa_train_bwd_cpu(torch.randn_like(args[0]), *args, *stats, 3, False)
+
+
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[6]])
+def test_kept_projection_gives_the_recomputed_gradients(shape):
+    """The training backward reads the pre-BN projection that the forward kept (proj_z) instead of recomputing it:
+    the same gradients up to rounding (the recomputing GEMM may take the tokens in other blocks); a proj_z that is
+    not like x is refused."""
+    qk = shape[3]
+    args = _inputs(shape, True)
+    gy = torch.randn_like(args[0])
+    z = torch.empty_like(args[0])
+    y, *stats = torch.ops.shvit.shsa_train_fwd_cpu(*args, qk, True, z)
+    assert torch.equal(y, torch.ops.shvit.shsa_train_fwd_cpu(*args, qk, True)[0])
+    kept = torch.ops.shvit.shsa_train_bwd_cpu(gy, *args, *stats, qk, True, z)
+    for i, (got, exp) in enumerate(zip(kept, torch.ops.shvit.shsa_train_bwd_cpu(gy, *args, *stats, qk, True))):
+        torch.testing.assert_close(got, exp, rtol=1e-9, atol=1e-10 * _scale(exp), msg=f"output {i}")
+    with pytest.raises(RuntimeError, match="proj_z must be a contiguous tensor of x's shape"):
+        torch.ops.shvit.shsa_train_bwd_cpu(gy, *args, *stats, qk, True, z[:1])
+
+
+def test_backward_under_another_backend_recomputes():
+    """The kept projection is the C++ kernel's: a backward run under another backend ignores it and recomputes."""
+    m = shvit_kernels.SHSA(12, 4, 6).double().train()
+    x = torch.randn(3, 12, 5, 4, dtype=torch.float64)
+    g = torch.randn_like(x)
+    grads = []
+    for fwd, bwd in (("cpu", "reference"), ("reference", "reference")):
+        xr = x.clone().requires_grad_()
+        with use_backend(fwd):
+            y = m(xr)
+        with use_backend(bwd):
+            grads.append(torch.autograd.grad(y, [xr, *m.parameters()], g))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
