@@ -118,7 +118,8 @@ class SDPASRA(SRA):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         b, n, c = x.shape
         q = self.q(x).reshape(b, n, self.num_heads, -1).transpose(1, 2)
-        k, v = self.kv(self.reduce(x, H, W)).reshape(b, -1, 2, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        kv = self.kv(self.reduce(x, H, W)).reshape(b, -1, 2, self.num_heads, c // self.num_heads)
+        k, v = kv.permute(2, 0, 3, 1, 4)
         drop = self.attn_drop.p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scale)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))

@@ -190,8 +190,9 @@ def run_model(model: str, scenario: str, variant: str, device: torch.device, dty
                            resolution or default_resolution(model), dt, layout, None, None, 0.0, None, None,
                            f"skipped: {e}")
     ms = time_ms(p.fn, device, reps, warmup=1, rep_ms=1000)
-    result = ModelResult(model, scenario, variant, p.batch, p.resolution, dt, layout, ms, p.batch / (ms * 1e-3), p.gflop,
-                         100 * p.gflop * 1e9 / (ms * 1e-3) / ceilings.flops_per_s, peak_mib(p.fn, device), p.note)
+    pct = 100 * p.gflop * 1e9 / (ms * 1e-3) / ceilings.flops_per_s
+    result = ModelResult(model, scenario, variant, p.batch, p.resolution, dt, layout, ms, p.batch / (ms * 1e-3),
+                         p.gflop, pct, peak_mib(p.fn, device), p.note)
     del p
     release(device)
     return result

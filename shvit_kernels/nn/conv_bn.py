@@ -1,8 +1,9 @@
 """Drop-in for the Conv2d_BN pairs that no fused op covers (the stem's 3x3 stride-2 convs, PatchMerging's 1x1
 convs) and the ReLU after them: they stay on the library convolution (oneDNN / cuDNN), as issue 5 allows; what
-changes is around it. In eval mode the BatchNorm is folded into the conv's weight and bias (cached until a
-parameter or buffer changes), so the conv output is written once instead of going through BN and ReLU passes; on
-the CPU the ReLU runs inside oneDNN's convolution as a post-op. Training mode is the stock conv + BatchNorm."""
+changes is around it. In eval mode (outside autocast) the BatchNorm is folded into the conv's weight and bias
+(cached until a parameter or buffer changes), so the conv output is written once instead of going through BN and
+ReLU passes; on the CPU the ReLU runs inside oneDNN's convolution as a post-op. Training mode is the stock
+conv + BatchNorm."""
 from __future__ import annotations
 
 import torch
@@ -27,6 +28,13 @@ def _onednn_ok(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor) -> bool:
     return (_MKLDNN and x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
+
+def _autocast(x: torch.Tensor) -> bool:
+    """Under autocast the stock conv + BN run as they are: autocast would round the BN-folded weight to 16 bits,
+    another rounding than stock's, which deep ill-conditioned input gradients amplify (tests/integration)."""
+    device = x.device.type
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
 class ConvBN(Conv2d_BN):
@@ -57,7 +65,7 @@ class ConvBN(Conv2d_BN):
         conv, bn = self.c, self.bn
         check_tensor("x", x, ndim=4, shape=("B", conv.in_channels, "H", "W"))
         check_same_device("x", x, **{"c.weight": conv.weight})
-        if uses_batch_stats(bn):
+        if uses_batch_stats(bn) or _autocast(x):
             y = bn(conv(x))
             return F.relu(y) if self.relu else y
 

@@ -27,9 +27,10 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _hidden_like(x: Tensor, h: int) -> Tensor:
-    return torch.empty((x.shape[0], h, *x.shape[2:]), dtype=x.dtype, device=x.device,
-                       memory_format=ref.memory_format(x))
+def _saved_like(x: Tensor, c: int) -> Tensor:
+    # z1 / z2 kept for the backward: channels_last whatever x's layout (see reference/ffn.py).
+    return torch.empty((x.shape[0], c, *x.shape[2:]), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
 
 
 # ---- eval form ---------------------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def _ffn_train(x: Tensor, w1: Tensor, bn1_w: Tensor, bn1_b: Tensor, eps1: float,
 def _(x, w1, bn1_w, bn1_b, eps1, w2, bn2_w, bn2_b, eps2):
     h, c, sd = w1.shape[0], x.shape[1], _stat_dtype(x)
     stats = (x.new_empty(h, dtype=sd), x.new_empty(h, dtype=sd), x.new_empty(c, dtype=sd), x.new_empty(c, dtype=sd))
-    return torch.empty_like(x), *stats, _hidden_like(x, h), torch.empty_like(x)
+    return torch.empty_like(x), *stats, _saved_like(x, h), _saved_like(x, c)
 
 
 @torch.library.custom_op("shvit::ffn_train_backward", mutates_args=())

@@ -29,7 +29,8 @@ class FFN(nn.Module):
 #   bwd(gy, x, w1, b1, w2, b2) -> (gx, gw1, gb1, gw2, gb2)
 #   train_fwd(x, w1, bn1_w, bn1_b, eps1, w2, bn2_w, bn2_b, eps2) -> (y, mean1, var1, mean2, var2, z1, z2)
 #       z1 = w1 x, h = relu(bn1(z1)), z2 = w2 h, y = x + bn2(z2); biased batch variances over (B, H, W);
-#       z1 (B, h, H, W) and z2 (B, d, H, W) are kept for the backward (x's dtype and memory format)
+#       z1 (B, h, H, W) and z2 (B, d, H, W) are kept for the backward (x's dtype; channels_last whatever x's
+#       layout: the CPU kernel's token-major working layout, so that an NCHW x costs no transposes of them)
 #   train_bwd(gy, x, w1, bn1_w, bn1_b, eps1, w2, bn2_w, bn2_b, eps2, mean1, var1, mean2, var2, z1, z2)
 #       -> (gx, gw1, gbn1_w, gbn1_b, gw2, gbn2_w, gbn2_b)
 # The backwards are written out (no autograd): they are the spec of the kernels' backward, which recompute the
@@ -39,9 +40,9 @@ def _tokens(t: torch.Tensor) -> torch.Tensor:
     return _acc(t).flatten(2)
 
 
-def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """(B, C, N) -> a (B, C, H, W) tensor of x's dtype and memory format."""
-    return t.reshape(x.shape[0], t.shape[1], *x.shape[2:]).to(x.dtype).contiguous(memory_format=memory_format(x))
+def _like(t: torch.Tensor, x: torch.Tensor, fmt: torch.memory_format | None = None) -> torch.Tensor:
+    """(B, C, N) -> a (B, C, H, W) tensor of x's dtype, in memory format fmt (default: x's)."""
+    return t.reshape(x.shape[0], t.shape[1], *x.shape[2:]).to(x.dtype).contiguous(memory_format=fmt or memory_format(x))
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -82,7 +83,8 @@ def bwd(gy, x, w1, b1, w2, b2):
 def train_fwd(x, w1, bn1_w, bn1_b, eps1: float, w2, bn2_w, bn2_b, eps2: float):
     n1, n2 = _BatchNorm(bn1_w, bn1_b, eps1), _BatchNorm(bn2_w, bn2_b, eps2)
     y, z1, _, z2 = _forward(x, w1, n1, w2, n2)
-    return _like(y, x), n1.mean, n1.var, n2.mean, n2.var, _like(z1, x), _like(z2, x)
+    cl = torch.channels_last
+    return _like(y, x), n1.mean, n1.var, n2.mean, n2.var, _like(z1, x, cl), _like(z2, x, cl)
 
 
 def train_bwd(gy, x, w1, bn1_w, bn1_b, eps1: float, w2, bn2_w, bn2_b, eps2: float, mean1, var1, mean2, var2, z1,
