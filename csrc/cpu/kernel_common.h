@@ -1,5 +1,5 @@
-// Helpers shared by the C++ CPU kernels (shsa.cpp, ffn.cpp): ATen GEMMs on raw buffers, deterministic parallel
-// tasks, SIMD sums, per-channel moments and their fixed-order combination, per-thread scratch.
+// Helpers shared by the C++ CPU kernels (shsa.cpp, ffn.cpp, sra.cpp): ATen GEMMs on raw buffers, deterministic
+// parallel tasks, SIMD sums, per-channel moments and their fixed-order combination, per-thread scratch.
 //
 // Everything sits in an anonymous namespace on purpose: each kernel file gets its own copy, compiled with its own
 // flags (the SIMD width below follows them), so no definition is shared across files with different code.
