@@ -25,12 +25,12 @@ from torch import nn
 from . import autotable, backends
 from .convert import convert
 from .nn import SRA as FusedSRA
-from .reference import FFN, SRA, Residual, SHSA, residual_dwconv
+from .reference import FFN, SRA, BN_Linear, Conv2d_BN, Residual, SHSA, residual_dwconv
 from .roofline import (MODES, Ceilings, Cost, dwconv_bn_cost, ffn_cost, rotate, rotation_sets, shsa_cost, sra_cost,
                        time_ms)
 
 __all__ = ["IMPLS", "MODES", "Case", "Prepared", "Result", "add_compiled", "cases", "compile_module", "environment",
-           "format_table", "prepare", "randomize_bn", "run_case", "table", "time_ms"]
+           "fold_stock", "format_table", "has_bn", "prepare", "randomize_bn", "run_case", "table", "time_ms"]
 
 
 @dataclasses.dataclass
@@ -54,6 +54,12 @@ class Result:
     stock_roofline_pct: float
     compiled_roofline_pct: float | None
     input_sets: int                      # inputs rotated over, to defeat the cache
+    folded_ms: float | None = None       # stock eager with its BatchNorms folded (eval forward of a case with BN)
+    speedup_vs_folded: float | None = None
+    fused_gbps: float = dataclasses.field(init=False)  # achieved: the fewest bytes over the fused time
+
+    def __post_init__(self):
+        self.fused_gbps = self.mbytes / self.fused_ms
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -67,6 +73,22 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return model
+
+
+def fold_stock(m: nn.Module) -> nn.Module:
+    """m (in place) with every BatchNorm folded the way the official SHViT deploys (`replace_batchnorm`): each
+    Conv2d_BN / BN_Linear replaced by its `.fuse()`, a residual depthwise Conv2d_BN by one conv whose centre tap
+    holds the identity. Stock PyTorch ops throughout: the "eager, BN folded" baseline of the eval forward."""
+    for name, child in m.named_children():
+        if isinstance(child, (Conv2d_BN, BN_Linear)) or (isinstance(child, Residual) and isinstance(child.m, Conv2d_BN)):
+            setattr(m, name, child.fuse())
+        else:
+            fold_stock(child)
+    return m
+
+
+def has_bn(m: nn.Module) -> bool:
+    return any(isinstance(c, nn.modules.batchnorm._BatchNorm) for c in m.modules())
 
 
 def compile_module(m: nn.Module, device: torch.device) -> nn.Module:
@@ -175,15 +197,16 @@ class Prepared:
     input_sets: int
 
 
-IMPLS = ("stock", "fused", "compiled")  # compiled: torch.compile of the stock module (`compile_module`)
+# compiled: torch.compile of the stock module (`compile_module`); folded: the stock module after `fold_stock`
+IMPLS = ("stock", "fused", "compiled", "folded")
 
 
 def prepare(case: Case, mode: str, device: torch.device, dtype: torch.dtype,
             impls: Sequence[str] = ("stock", "fused"), backend: str = "auto") -> Prepared:
     """Build stock and fused modules for `case`, check both against the float64 oracle, and bind the timed calls
     of `impls` (the fused one with its ops on `backend`)."""
-    if mode not in MODES or not set(impls) <= set(IMPLS):
-        raise ValueError(f"mode in {MODES} and impls in {IMPLS}; got {mode!r}, {impls!r}")
+    if mode not in MODES or not set(impls) <= set(IMPLS) or ("folded" in impls and mode != "eval fwd"):
+        raise ValueError(f"mode in {MODES} and impls in {IMPLS} (folded: eval fwd only); got {mode!r}, {impls!r}")
     torch.manual_seed(0)
     stock = randomize_bn(case.make_stock()).to(device)
     oracle = copy.deepcopy(stock).double()
@@ -201,7 +224,8 @@ def prepare(case: Case, mode: str, device: torch.device, dtype: torch.dtype,
         stock_err = (stock(xs[0], *case.args).double() - ref).abs().max().item()
     fns = {}
     for name in impls:
-        m = compile_module(stock, device) if name == "compiled" else fused if name == "fused" else stock
+        m = {"compiled": lambda: compile_module(stock, device), "fused": lambda: fused, "stock": lambda: stock,
+             "folded": lambda: fold_stock(copy.deepcopy(stock))}[name]()
         on = backend if name == "fused" else "auto"
         with backends.use_backend(on), _keeping_buffers(name == "compiled" and mode == "train bwd"):
             calls = [_bind(m, mode, x, case.args) for x in xs]  # "train bwd" runs its forward passes here
@@ -211,8 +235,11 @@ def prepare(case: Case, mode: str, device: torch.device, dtype: torch.dtype,
 
 def run_case(case: Case, mode: str, device: torch.device, dtype: torch.dtype, compile_stock: bool, reps: int,
              ceilings: Ceilings, backend: str = "auto") -> Result:
-    """Stock eager vs fused (and torch.compile of the stock module when compile_stock) for one case and mode."""
-    p = prepare(case, mode, device, dtype, IMPLS if compile_stock else IMPLS[:2], backend)
+    """Stock eager vs fused (and torch.compile of the stock module when compile_stock; and stock with BN folded
+    for the eval forward of a case with BatchNorm) for one case and mode."""
+    folded = mode == "eval fwd" and has_bn(case.make_stock())
+    impls = ("stock", "fused") + ("compiled",) * compile_stock + ("folded",) * folded
+    p = prepare(case, mode, device, dtype, impls, backend)
     ms = {name: time_ms(fn, device, reps) for name, fn in p.fns.items()}
     r = Result(case.op, mode, case.shape, str(dtype).removeprefix("torch."), p.backend, ms["stock"], ms["fused"],
                None, ms["stock"] / ms["fused"], None, p.max_err, p.stock_err, p.cost.flops / 1e9, p.cost.bytes / 1e6,
@@ -220,6 +247,8 @@ def run_case(case: Case, mode: str, device: torch.device, dtype: torch.dtype, co
                p.input_sets)
     if compile_stock:
         _fill_compiled(r, ms["compiled"], ceilings)
+    if folded:
+        r.folded_ms, r.speedup_vs_folded = ms["folded"], ms["folded"] / ms["fused"]
     return r
 
 
@@ -348,10 +377,10 @@ def table(head: list[str], rows: list[list[str]], markdown: bool = False) -> str
 
 
 def format_table(results: list[Result], markdown: bool = False) -> str:
-    head = ["op", "mode", "shape", "dtype", "backend", "eager ms", "compile ms", "fused ms", "vs eager",
-            "vs compile", "fused % roofline", "eager % roofline", "max err", "stock err"]
-    rows = [[r.op, r.mode, r.shape, r.dtype, r.backend, f"{r.stock_ms:.3f}", fmt(r.compiled_ms, ".3f"),
-             f"{r.fused_ms:.3f}", f"{r.speedup:.2f}x", fmt(r.speedup_vs_compiled, ".2f", "x"),
-             f"{r.fused_roofline_pct:.1f}% ({r.bound})", f"{r.stock_roofline_pct:.1f}%", f"{r.max_err:.1e}",
-             f"{r.stock_err:.1e}"] for r in results]
+    head = ["op", "mode", "shape", "dtype", "backend", "eager ms", "folded ms", "compile ms", "fused ms", "vs eager",
+            "vs folded", "vs compile", "fused GB/s", "fused % roofline", "eager % roofline", "max err", "stock err"]
+    rows = [[r.op, r.mode, r.shape, r.dtype, r.backend, f"{r.stock_ms:.3f}", fmt(r.folded_ms, ".3f"),
+             fmt(r.compiled_ms, ".3f"), f"{r.fused_ms:.3f}", f"{r.speedup:.2f}x", fmt(r.speedup_vs_folded, ".2f", "x"),
+             fmt(r.speedup_vs_compiled, ".2f", "x"), f"{r.fused_gbps:.1f}", f"{r.fused_roofline_pct:.1f}% ({r.bound})",
+             f"{r.stock_roofline_pct:.1f}%", f"{r.max_err:.1e}", f"{r.stock_err:.1e}"] for r in results]
     return table(head, rows, markdown)
