@@ -120,6 +120,16 @@ at::MemoryFormat layout_of(const at::Tensor& x) {
                                                                               : at::MemoryFormat::Contiguous;
 }
 
+// The layout the kernels run in. The NCHW kernels vectorise along rows; a row narrower than one 64-byte vector
+// (W < 16 floats: SHViT's 14x14, 8x8, 7x7 and 4x4 maps) leaves every load partial, and those run lane by lane,
+// up to 10x slower than the channels_last kernels (vectors across channels) plus the transposes in and out
+// (training forward + backward at 16x336x8x8). Such an NCHW x runs channels_last; outputs keep x's layout.
+at::MemoryFormat kernel_layout(const at::Tensor& x, const Geom& g) {
+  const at::MemoryFormat fmt = layout_of(x);
+  const int64_t lanes = 64 / int64_t(x.element_size());
+  return fmt == at::MemoryFormat::Contiguous && g.W < lanes ? at::MemoryFormat::ChannelsLast : fmt;
+}
+
 // A tensor with y's shape that the kernels read in layout fmt.
 at::Tensor like_y(const at::Tensor& t, const char* name, const at::Tensor& x, const Geom& g,
                   at::MemoryFormat fmt) {
@@ -140,7 +150,7 @@ at::Tensor dwconv_bn_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight, c
                              int64_t stride, bool relu) {
   Geom g = check_conv(x_in, weight, stride);
   const at::Tensor bias_c = per_channel(bias, "bias", x_in);
-  const at::MemoryFormat fmt = layout_of(x_in);
+  const at::MemoryFormat fmt = kernel_layout(x_in, g);
   const at::Tensor x = x_in.contiguous(fmt), w = weight.contiguous();
   g.channels_last = fmt == at::MemoryFormat::ChannelsLast;
   at::Tensor y = new_output(x, g, fmt);
@@ -150,7 +160,7 @@ at::Tensor dwconv_bn_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight, c
                                   bias_c.const_data_ptr<scalar_t>(), relu, y.mutable_data_ptr<scalar_t>()};
     SHVIT_RUN(eval_fwd, scalar_t, g, args);
   });
-  return y;
+  return y.contiguous(layout_of(x_in));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_train_fwd_cpu(
@@ -158,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_train_fwd_cpu(
     double eps, int64_t stride, bool residual, bool relu) {
   Geom g = check_train(x_in, weight, stride, residual, eps);
   const at::Tensor gamma = per_channel(bn_weight, "bn_weight", x_in), beta = per_channel(bn_bias, "bn_bias", x_in);
-  const at::MemoryFormat fmt = layout_of(x_in);
+  const at::MemoryFormat fmt = kernel_layout(x_in, g);
   const at::Tensor x = x_in.contiguous(fmt), w = weight.contiguous();
   g.channels_last = fmt == at::MemoryFormat::ChannelsLast;
   at::Tensor y = new_output(x, g, fmt);
@@ -171,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_train_fwd_cpu(
                                       mean.mutable_data_ptr<scalar_t>(), var.mutable_data_ptr<scalar_t>()};
     SHVIT_RUN(train_fwd, scalar_t, g, args);
   });
-  return {y, mean, var};
+  return {y.contiguous(layout_of(x_in)), mean, var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_train_bwd_cpu(
@@ -181,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_train_bwd_c
   Geom g = check_train(x_in, weight, stride, residual, eps);
   const at::Tensor gamma = per_channel(bn_weight, "bn_weight", x_in);
   const at::Tensor mean = per_channel(mean_in, "mean", x_in), var = per_channel(var_in, "var", x_in);
-  const at::MemoryFormat fmt = layout_of(x_in);
+  const at::MemoryFormat fmt = kernel_layout(x_in, g);
   const at::Tensor x = x_in.contiguous(fmt), w = weight.contiguous();
   const at::Tensor gy = like_y(grad_y, "grad_y", x_in, g, fmt);
   // y is read only for the ReLU mask.
@@ -201,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_train_bwd_c
     SHVIT_RUN(train_bwd, scalar_t, g, args);
   });
   const auto pdt = bn_weight.scalar_type();
-  return {gx, gw, ggamma.to(pdt), gbeta.to(pdt)};
+  return {gx.contiguous(layout_of(x_in)), gw, ggamma.to(pdt), gbeta.to(pdt)};
 }
 
 const char* cpu_kernel_isa() {
