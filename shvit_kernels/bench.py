@@ -101,7 +101,8 @@ def compile_module(m: nn.Module, device: torch.device) -> nn.Module:
 
 
 def _convert_block(stock: nn.Module) -> nn.Module:
-    return convert(nn.Sequential(stock))  # convert() swaps children, so give the block a parent
+    # convert() swaps children, so give the block a parent; the block runs in the case's own layout
+    return convert(nn.Sequential(stock), channels_last=False)
 
 
 @dataclasses.dataclass

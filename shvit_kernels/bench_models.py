@@ -8,6 +8,7 @@ Scenarios (default sizes: `default_batch`; 224 px, S4 256 px as in the paper):
 - "train step": forward + cross-entropy + backward + SGD step, under autocast when the dtype is fp16/bf16.
 Layout: NCHW, or with `channels_last` every variant's model and input in channels_last (stock and fused alike, so
 that a layout gain is not credited to fusion; on the CPU oneDNN's convolutions are much faster in channels_last).
+With an NCHW input the fused model, as `convert` makes it, still runs channels_last inside on the CPU.
 % of peak: the FLOPs torch's FlopCounterMode counts for the stock forward (x3 for a training step) over the time,
 against the matrix-product ceiling measured in the same run. Peak memory: torch.cuda.max_memory_allocated over one
 warm call.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch import nn
 
 from .nn import SHSA, ConvBN, FusedPatchMerging, FusedReLU, ResidualDWConvBN, ResidualFFN, ResidualSHSA, is_conv_bn, \
@@ -92,7 +93,23 @@ def _swap_conv_bn(parent: nn.Module) -> int:
     return count
 
 
-def convert(model: nn.Module, inference: bool = False) -> nn.Module:
+def _to_channels_last(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook: an NCHW image batch on the CPU enters the model channels_last (see convert)."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu" and x.is_floating_point():
+        return (x.contiguous(memory_format=torch.channels_last), *args[1:])
+    return None
+
+
+def _set_channels_last(model: nn.Module, on: bool) -> None:
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _to_channels_last:
+            del model._forward_pre_hooks[key]
+    if on:
+        model.register_forward_pre_hook(_to_channels_last)
+
+
+def convert(model: nn.Module, inference: bool = False, channels_last: bool = True) -> nn.Module:
     """Replace every fusable module of an official-layout or timm SHViT (or any model holding its blocks) in place.
 
     Swaps Residual(SHSA), SHSA, Residual(depthwise Conv2d_BN), Residual(FFN) and PatchMerging for their fused
@@ -106,6 +123,11 @@ def convert(model: nn.Module, inference: bool = False) -> nn.Module:
     stock model's in eval mode. The state_dict keys CHANGE (no `bn.*`, `c.weight` -> `weight` + `bias`): they
     are those of the official SHViT deploy model (its `replace_batchnorm`). The folded model is meant for
     inference; training it trains the BN-free network.
+
+    channels_last=True (default): on the CPU, a 4-D floating input of the model is made channels_last on entry
+    (a forward pre-hook; not part of the state_dict), so that every layer runs in the layout in which oneDNN's
+    convolutions and the C++ kernels are fastest and no fused op transposes its activations. Outputs are equal;
+    a 4-D output (a feature map) comes back channels_last. CUDA inputs are left as they are. False removes it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -118,6 +140,8 @@ def convert(model: nn.Module, inference: bool = False) -> nn.Module:
     if inference:
         count += _swap(model, _folded)
         model.eval()
+    if any(isinstance(m, _FUSED + _FOLDED) for m in model.modules()):  # converted now or before
+        _set_channels_last(model, channels_last)
     if count == 0:
         warnings.warn("shvit_kernels.convert: nothing to convert in this model; returned unchanged", UserWarning,
                       stacklevel=2)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import shsa as ref
+from ..reference.ffn import memory_format
 from ._checks import autocast, check_same_device, check_same_dtype, check_tensor, empty_result
 
 OP = "shsa"
@@ -193,19 +194,25 @@ def _contig(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+def _like_input(y: Tensor, x: Tensor) -> Tensor:
+    # The NCHW output back in x's layout, so that a channels_last model stays channels_last after SHSA.
+    return y.contiguous(memory_format=memory_format(x))
+
+
 def shsa(x: Tensor, gn_weight: Tensor, gn_bias: Tensor, qkv_weight: Tensor, qkv_bias: Tensor, proj_weight: Tensor,
          proj_bias: Tensor, qk_dim: int = 16, gn_eps: float = 1e-5, residual: bool = False) -> Tensor:
     """Eval-form SHSA with both BatchNorms folded into (qkv_weight, qkv_bias) and (proj_weight, proj_bias).
 
     x (B, dim, H, W); gn_weight/gn_bias (pdim,); qkv_weight (2*qk_dim + pdim, pdim); qkv_bias (2*qk_dim + pdim,);
-    proj_weight (dim, dim); proj_bias (dim,). Returns y (B, dim, H, W) [+ x when residual].
+    proj_weight (dim, dim); proj_bias (dim,). Returns y (B, dim, H, W) [+ x when residual] in x's layout
+    (NCHW or channels_last).
     """
     x, qkv_weight, proj_weight = autocast(x, qkv_weight, proj_weight)
     _check(x, gn_weight, qkv_weight, proj_weight, qk_dim, gn_bias=gn_bias, qkv_bias=qkv_bias, proj_bias=proj_bias)
     if x.shape[0] == 0:
         return empty_result(x.shape, x, gn_weight, gn_bias, qkv_weight, qkv_bias, proj_weight, proj_bias)
-    return _shsa(_contig(x), gn_weight, gn_bias, float(gn_eps), qkv_weight, qkv_bias, proj_weight, proj_bias, qk_dim,
-                 residual)
+    return _like_input(_shsa(_contig(x), gn_weight, gn_bias, float(gn_eps), qkv_weight, qkv_bias, proj_weight,
+                             proj_bias, qk_dim, residual), x)
 
 
 def shsa_train(x: Tensor, gn_weight: Tensor, gn_bias: Tensor, qkv_weight: Tensor, qkv_bn_weight: Tensor,
@@ -230,4 +237,4 @@ def shsa_train(x: Tensor, gn_weight: Tensor, gn_bias: Tensor, qkv_weight: Tensor
     y, *stats, _ = _shsa_train(_contig(x), gn_weight, gn_bias, float(gn_eps), qkv_weight, qkv_bn_weight,
                                qkv_bn_bias, float(qkv_eps), proj_weight, proj_bn_weight, proj_bn_bias, float(proj_eps),
                                qk_dim, residual)
-    return y, TrainStats(*stats)
+    return _like_input(y, x), TrainStats(*stats)

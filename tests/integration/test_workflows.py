@@ -378,7 +378,7 @@ def launch_keys():
         assert self.gpu, "the SHSA launchers no longer decide the GPU configuration in _Sizes"
         self.dev = x.device
 
-    model = _pair()[1]
+    model = sk.convert(_stock(), channels_last=False)  # as on a GPU: the CPU-only channels_last entry stays off
     out = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
