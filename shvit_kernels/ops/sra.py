@@ -15,6 +15,7 @@ from ._checks import autocast, check_same_device, check_same_dtype, check_tensor
 OP = "sra"
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 backends.register(OP, "reference", ref, ("cpu", "cuda"), _ALL)
+backends.register(OP, "triton", "shvit_kernels.triton.sra", ("cuda", "cpu"), _ALL)
 backends.register(OP, "cpu", SimpleNamespace(
     reduce_fwd=lambda *a: torch.ops.shvit.sra_reduce_fwd_cpu(*a),
     reduce_bwd=lambda *a: torch.ops.shvit.sra_reduce_bwd_cpu(*a),

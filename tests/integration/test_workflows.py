@@ -418,9 +418,11 @@ def test_triton_kernels_are_plain_jit():
     (whose configs / keys would add variants)."""
     from shvit_kernels.triton import dwconv_bn as tdw
     from shvit_kernels.triton import shsa as tsh
+    from shvit_kernels.triton import sra as tsra
 
-    kernels = {n: o for mod in (tdw, tsh) for n, o in vars(mod).items() if n.endswith("_kernel")}
-    assert len(kernels) >= 15
+    kernels = {f"{mod.__name__}.{n}": o for mod in (tdw, tsh, tsra) for n, o in vars(mod).items()
+               if n.endswith("_kernel")}
+    assert len(kernels) >= 22
     for name, obj in kernels.items():
         assert type(obj).__name__ in ("JITFunction", "InterpretedFunction"), f"{name} is a {type(obj).__name__}"
 

@@ -106,6 +106,7 @@ try:
 
     from shvit_kernels.triton import dwconv_bn as tdw
     from shvit_kernels.triton import shsa as tsh
+    from shvit_kernels.triton import sra as tsra
 except ImportError:
     triton = None
 needs_triton = pytest.mark.skipif(triton is None, reason="triton is not installed")
@@ -173,6 +174,34 @@ def test_triton_shsa_grids(launches, shape):
                                  "_gn_bwd_dn_kernel", "_gn_bwd_dx_kernel", "_welford_kernel", "_sum_kernel"])
 
 
+@needs_triton
+@pytest.mark.parametrize("shape", [(2**14, 64, 64, 64, 1, 8, False), (2**14, 56, 56, 64, 1, 1, True),
+                                   (2**17, 17, 16, 64, 2, 4, False), (32, 400, 400, 512, 8, 1, False)],
+                         ids=["sr8", "linear", "batch>65535", "sr1-large-M"])
+def test_triton_sra_grids(launches, shape):
+    b, h, w, c, heads, sr, linear = shape
+    x = torch.empty(b, h * w, c, device=META)
+    assert x.numel() > BIG
+    vec, k = torch.empty(c, device=META), 1 if linear else sr
+    sr_w, q_w, kv_w = (torch.empty(*s, device=META) for s in ((c, c, k, k), (c, c), (2 * c, c)))
+    if sr == 1 and not linear:
+        red = x  # no reduction: the keys are the tokens (M = N)
+    else:
+        red = tsra.reduce_fwd(x, h, w, sr_w, vec, vec, vec, 1e-5, sr, linear)
+        assert red.shape == (b, 49 if linear else (h // sr) * (w // sr), c)
+        grads = tsra.reduce_bwd(red, x, h, w, sr_w, vec, vec, vec, 1e-5, sr, linear)
+        assert [g.shape for g in grads] == [x.shape, sr_w.shape, (c,), (c,), (c,)]
+    o, lse = tsra.attn_fwd(x, red, q_w, vec, kv_w, None, heads, 0.125)
+    assert o.shape == x.shape and lse.shape == (b, heads, h * w)
+    grads = tsra.attn_bwd(o, x, red, q_w, vec, kv_w, None, o, lse, heads, 0.125)
+    assert [g.shape for g in grads] == [x.shape, red.shape, q_w.shape, (c,), kv_w.shape, (2 * c,)]
+    kernels = ["_linear_kernel", "_attn_fwd_kernel", "_attn_bwd_q_kernel", "_attn_bwd_kv_kernel", "_wgrad_kernel",
+               "_sum_kernel"]
+    if red is not x:
+        kernels += ["_reduce_kernel"] + (["_pool_bwd_kernel"] if linear else [])
+    _assert_grids_fit(launches, kernels)
+
+
 # ---- Triton index helpers with overflowing operands --------------------------------------------------------------
 
 if triton is not None:
@@ -210,6 +239,28 @@ def test_triton_index_helpers_are_64_bit():
     _probe_kernel[(1,)](out, cnt, *v.values())
     assert out.tolist() == expect
     assert cnt.item() == v["P"] // v["n_tiles"] * v["hwo"]  # B * Ho * Wo = 2**33 values per channel
+
+
+if triton is not None:
+    @triton.jit
+    def _sra_probe_kernel(out_ptr, r, k, M, N, W, Wo, R, C):
+        i = tl.arange(0, 1)
+        tl.store(out_ptr + i[:, None], tsra._patch_off(r + i, k + i, M, N, W, Wo, R, C))
+        tl.store(out_ptr + 1 + i[:, None], tsra._tok(tl.cast(0, tl.int64), r // M, k + i, N, C, r + i))
+
+
+@needs_triton
+def test_triton_sra_index_helpers_are_64_bit():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    v = dict(r=2**20 * 64 + 9 * 7 + 3, k=3 * 512 + 5, M=64, N=4096, W=64, Wo=8, R=8, C=512)
+    b, t = divmod(v["r"], v["M"])
+    tap, c = divmod(v["k"], v["C"])
+    pix = (t // v["Wo"] * v["R"] + tap // v["R"]) * v["W"] + t % v["Wo"] * v["R"] + tap % v["R"]
+    expect = [(b * v["N"] + pix) * v["C"] + c, (b * v["N"] + v["k"]) * v["C"] + v["r"]]
+    assert all(e >= BIG for e in expect)
+    out = torch.zeros(2, dtype=torch.int64, device=device)
+    _sra_probe_kernel[(1,)](out, *v.values())
+    assert out.tolist() == expect
 
 
 # ---- CUDA sources ---------------------------------------------------------------------------------------------
