@@ -16,6 +16,7 @@ from ._checks import autocast, check_same_device, check_same_dtype, check_tensor
 OP = "ffn"
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 backends.register(OP, "reference", ref, ("cpu", "cuda"), _ALL)
+backends.register(OP, "triton", "shvit_kernels.triton.ffn", ("cuda", "cpu"), _ALL)
 backends.register(OP, "cpu", SimpleNamespace(
     fwd=lambda *a: torch.ops.shvit.ffn_fwd_cpu(*a),
     bwd=lambda *a: torch.ops.shvit.ffn_bwd_cpu(*a),

@@ -38,6 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import (_BLOCK_K, _BLOCK_R, _BN, _GEMM_WARPS, _WGRAD_PROGRAMS, _at, _bn_coef, _bn_grad, _cast, _mm, _p2,
+                     _rstd, _Shape, _split_k, _store_wgrad, _sum, _welford, _welford_partial)
+
 # Attention blocking; module-level so that tests can shrink it to reach the multi-block paths with a small N.
 BLOCK_QUERIES = 64  # queries per forward program
 BLOCK_KEYS = 64  # keys per online-softmax step; also the block of both backward roles
@@ -45,21 +48,8 @@ SINGLE_PASS_MAX = 128  # all N keys (padded to a power of two) in one block up t
 _ATTN_TILE = 8192  # [tokens, P] register-tile cap (half in the backward, a quarter for fp32/fp64 there)
 _FMA_BLOCK = 32  # attention block cap for fp32/fp64: IEEE dots run on FMA units, operands held in registers
 
-_BLOCK_T, _BLOCK_R, _BLOCK_K = 64, 64, 32  # GEMM tiles: tokens, output rows, reduction
-_GEMM_WARPS = 8  # 4 warps spill on sm_90 with these tiles (ptxas), fp32 FMA dots most
-_EW_TILE = 1024  # elements per tile of the statistics / elementwise kernels (8 per thread)
-_RED_TILE, _RED_R = 2048, 128  # reduction kernels: tile elements, most rows per tile
-_WGRAD_PROGRAMS = 264  # weight-grad programs wanted on a GPU (2 per H100 SM); split-K fills up to it
-
 
 # ---- device helpers ----------------------------------------------------------------------------------------
-
-@triton.jit
-def _at(s, R, r):
-    # Offset of entry r of row s of a row-major (S, R) buffer, in int64: the partial buffers hold
-    # ~B*C*N / BLOCK_T entries, past 2**31 for inputs of ~2**36 elements (tl.cast: s may be a constexpr)
-    return tl.cast(s, tl.int64) * R + r
-
 
 @triton.jit
 def _rows(ptr, b, r, t, R, N):
@@ -72,30 +62,6 @@ def _rows(ptr, b, r, t, R, N):
 def _rows_t(ptr, b, r, t, R, N):
     # the same, transposed: [len(t), len(r)]
     return ptr + (_at(b, R, r) * N)[None, :] + t[:, None]
-
-
-@triton.jit
-def _mm(a, b, acc, ACC: tl.constexpr):
-    # IEEE fp32 (and fp64): TF32 would break the match with the float64 reference. out_dtype: triton < 3.9
-    # checks an fp64 accumulator against the fp32 default
-    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
-
-
-@triton.jit
-def _rstd(var_ptr, r, rm, eps):
-    return 1.0 / tl.sqrt(tl.load(var_ptr + r, mask=rm, other=1.0) + eps)  # not rsqrt: also valid for fp64
-
-
-@triton.jit
-def _bn_coef(mean_ptr, var_ptr, w_ptr, bias_ptr, eps, r, rm, NORM: tl.constexpr, ACC: tl.constexpr):
-    # (scale, shift) of the training BN (batch mean/var) of rows r; unused placeholders without it
-    if NORM:
-        scale = _rstd(var_ptr, r, rm, eps) * tl.load(w_ptr + r, mask=rm, other=0.0).to(ACC)
-        shift = tl.load(bias_ptr + r, mask=rm, other=0.0).to(ACC) - tl.load(mean_ptr + r, mask=rm, other=0.0) * scale
-    else:
-        scale = 1.0
-        shift = 0.0
-    return scale, shift
 
 
 @triton.jit
@@ -152,72 +118,9 @@ def _load_grad(g_ptr, z_ptr, b, r, rm, t, tm, R, N, mean_ptr, var_ptr, w_ptr, su
     mask = rm[:, None] & tm[None, :]
     g = tl.load(_rows(g_ptr, b, r, t, R, N), mask=mask, other=0.0).to(ACC)
     if NORM:
-        rstd = _rstd(var_ptr, r, rm, eps)
-        mg = tl.load(sums_ptr + r, mask=rm, other=0.0) / count
-        mgz = tl.load(sums_ptr + R + r, mask=rm, other=0.0) / count
-        zhat = (tl.load(_rows(z_ptr, b, r, t, R, N), mask=mask, other=0.0).to(ACC)
-                - tl.load(mean_ptr + r, mask=rm, other=0.0)[:, None]) * rstd[:, None]
-        a = rstd * tl.load(w_ptr + r, mask=rm, other=0.0).to(ACC)
-        g = tl.where(mask, a[:, None] * (g - mg[:, None] - zhat * mgz[:, None]), 0.0)
+        z = tl.load(_rows(z_ptr, b, r, t, R, N), mask=mask, other=0.0).to(ACC)
+        g = _bn_grad(g, z, mean_ptr, var_ptr, w_ptr, sums_ptr, eps, count, r, rm, mask, R, ACC)
     return g
-
-
-@triton.jit
-def _welford_partial(part_ptr, s, S, R, r, rm, v, mask, n):
-    # (mean, M2, count) of the valid entries of each row of v (invalid entries hold 0) at [., s, r] of (3, S, R)
-    mean = tl.sum(v, axis=1) / n
-    d = tl.where(mask, v - mean[:, None], 0.0)
-    off = _at(s, R, r)
-    plane = _at(S, R, 0)
-    tl.store(part_ptr + off, mean, mask=rm)
-    tl.store(part_ptr + plane + off, tl.sum(d * d, axis=1), mask=rm)
-    tl.store(part_ptr + 2 * plane + off, tl.zeros_like(mean) + n, mask=rm)
-
-
-# ---- reductions ------------------------------------------------------------------------------------------
-
-@triton.jit
-def _welford_kernel(part_ptr, mean_ptr, var_ptr, S, R, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
-                    BLOCK_R: tl.constexpr):
-    # Fixed-order merge of (3, S, R) Welford partials into per-row mean and biased variance: each chunk of
-    # BLOCK_S partials is combined exactly (multi-way Chan), then folded in with Chan's pairwise update.
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rm = r < R
-    r_in = tl.minimum(r, R - 1)  # padding rows merge a copy of the last row (no 0/0), never stored
-    n_a = tl.zeros([BLOCK_R], ACC)
-    mean_a = tl.zeros([BLOCK_R], ACC)
-    m2_a = tl.zeros([BLOCK_R], ACC)
-    plane = _at(S, R, 0)
-    for s0 in range(0, S, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = (s < S)[:, None]
-        off = _at(s[:, None], R, r_in[None, :])
-        mu = tl.load(part_ptr + off, mask=mask, other=0.0)
-        m2 = tl.load(part_ptr + plane + off, mask=mask, other=0.0)
-        n = tl.load(part_ptr + 2 * plane + off, mask=mask, other=0.0)
-        n_b = tl.sum(n, axis=0)
-        mean_b = tl.sum(n * mu, axis=0) / n_b
-        d = mu - mean_b[None, :]
-        m2_b = tl.sum(m2 + n * d * d, axis=0)
-        n_ab = n_a + n_b
-        delta = mean_b - mean_a
-        mean_a += delta * (n_b / n_ab)
-        m2_a += m2_b + delta * delta * (n_a * n_b / n_ab)
-        n_a = n_ab
-    tl.store(mean_ptr + r, mean_a, mask=rm)
-    tl.store(var_ptr + r, m2_a / n_a, mask=rm)
-
-
-@triton.jit
-def _sum_kernel(part_ptr, out_ptr, S, R, ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
-    # out[r] = sum over s of part[s, r], in a fixed order
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rm = r < R
-    acc = tl.zeros([BLOCK_S, BLOCK_R], ACC)
-    for s0 in range(0, S, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        acc += tl.load(part_ptr + _at(s[:, None], R, r[None, :]), mask=(s < S)[:, None] & rm[None, :], other=0.0)
-    tl.store(out_ptr + r, tl.sum(acc, axis=0), mask=rm)
 
 
 # ---- forward ---------------------------------------------------------------------------------------------
@@ -407,11 +310,7 @@ def _wgrad_kernel(g_ptr, z_ptr, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps, count
         acc = _mm(g.to(DOT), tl.trans(a.to(DOT)), acc, ACC)
         if ROWSUM:
             rs += tl.sum(g, axis=1)
-    off = (sp * R + r).to(tl.int64) * K
-    tl.store(part_ptr + off[:, None] + k[None, :], acc, mask=rm[:, None] & km[None, :])
-    if ROWSUM:  # noqa: SIM102 (a compile-time test, then a runtime one)
-        if kb == 0:
-            tl.store(rowsum_ptr + _at(sp, R, r), rs, mask=rm)
+    _store_wgrad(part_ptr, rowsum_ptr, acc, rs, sp, r, rm, k, km, R, K, ROWSUM)
 
 
 @triton.jit
@@ -586,80 +485,12 @@ def _gn_bwd_dx_kernel(gx_ptr, x_ptr, gy_ptr, gn_mean_ptr, gn_var_ptr, gnw_ptr, g
 
 # ---- host side -------------------------------------------------------------------------------------------
 
-_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
-
-
-def _p2(n: int) -> int:
-    """Power of two >= n and >= 16 (the smallest tl.dot dimension)."""
-    return max(16, triton.next_power_of_2(n))
-
-
-class _Sizes:
+class _Sizes(_Shape):
     def __init__(self, x: torch.Tensor, gn_w: torch.Tensor, qk_dim: int):
-        self.B, self.C, h, w = x.shape
-        self.N, self.P, self.Q = h * w, gn_w.shape[0], qk_dim
+        super().__init__(x)
+        self.P, self.Q = gn_w.shape[0], qk_dim
         self.O = 2 * qk_dim + self.P
-        self.acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        self.meta = {"ACC": _TL[self.acc], "DOT": _TL[x.dtype]}
-        self.block_t = min(_BLOCK_T, _p2(self.N))
-        self.n_tblk = triton.cdiv(self.N, self.block_t)
         self.QP, self.PP = _p2(self.Q), _p2(self.P)
-        self.dev = x.device
-        self.gpu = x.device.type == "cuda"  # else the interpreter: a cost per program, no register file
-        # IEEE fp32/fp64 dots compile to FMA loops that keep operand rows in registers: smaller tiles on a GPU
-        self.fma = self.gpu and x.dtype in (torch.float32, torch.float64)
-
-    def empty(self, *shape) -> torch.Tensor:
-        return torch.empty(shape, dtype=self.acc, device=self.dev)
-
-    def ew_blocks(self, rows: int) -> tuple[int, int, int]:
-        """(rows, tokens, token tiles) of an elementwise / statistics tile."""
-        block_t = min(_p2(self.N), 256)
-        return min(triton.next_power_of_2(rows), _EW_TILE // block_t), block_t, triton.cdiv(self.N, block_t)
-
-
-class _BN:
-    """A training BatchNorm as the kernels take it: batch mean / biased var (acc dtype), weight, bias, eps."""
-
-    def __init__(self, mean, var, w, b, eps, acc):
-        self.mean, self.var = mean.to(acc).contiguous(), var.to(acc).contiguous()
-        self.w, self.b, self.eps = w.contiguous(), b.contiguous(), eps
-
-    @staticmethod
-    def fwd_args(bn, ph) -> tuple:
-        """(mean, var, w, b, eps) for _load_act; placeholders, never read, without a BN."""
-        return (bn.mean, bn.var, bn.w, bn.b, bn.eps) if bn is not None else (ph, ph, ph, ph, 0.0)
-
-    @staticmethod
-    def bwd_args(bn, sums, ph) -> tuple:
-        """(mean, var, w, sums, eps) for _load_grad; placeholders without a BN."""
-        return (bn.mean, bn.var, bn.w, sums, bn.eps) if bn is not None else (ph, ph, ph, ph, 0.0)
-
-
-def _red_blocks(S: int, R: int) -> tuple[int, int]:
-    block_r = min(triton.next_power_of_2(R), _RED_R)
-    return min(triton.next_power_of_2(S), _RED_TILE // block_r), block_r
-
-
-def _welford(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased var) per row from (3, S, R) Welford partials."""
-    _, S, R = part.shape
-    mean = torch.empty(R, dtype=part.dtype, device=part.device)
-    var = torch.empty_like(mean)
-    block_s, block_r = _red_blocks(S, R)
-    _welford_kernel[(triton.cdiv(R, block_r),)](part, mean, var, S, R, ACC=_TL[part.dtype], BLOCK_S=block_s,
-                                                BLOCK_R=block_r, num_warps=4)
-    return mean, var
-
-
-def _sum(part: torch.Tensor) -> torch.Tensor:
-    """Fixed-order sum over the first dim of (S, R) partials."""
-    S, R = part.shape
-    out = torch.empty(R, dtype=part.dtype, device=part.device)
-    block_s, block_r = _red_blocks(S, R)
-    _sum_kernel[(triton.cdiv(R, block_r),)](part, out, S, R, ACC=_TL[part.dtype], BLOCK_S=block_s,
-                                            BLOCK_R=block_r, num_warps=4)
-    return out
 
 
 def _attn_blocks(sz: _Sizes) -> tuple[int, int, int]:
@@ -744,9 +575,7 @@ class _Front:
         n_tblk = triton.cdiv(sz.N, block_t)
         n_tiles = sz.B * n_tblk
         # split-K over token tiles: enough programs to fill a GPU; one split in the interpreter
-        want = _WGRAD_PROGRAMS if sz.gpu else 1
-        per_split = triton.cdiv(n_tiles, max(1, min(n_tiles, want // grid_rk)))
-        S = triton.cdiv(n_tiles, per_split)
+        per_split, S = _split_k(n_tiles, grid_rk, _WGRAD_PROGRAMS if sz.gpu else 1)
         part = sz.empty(S, rows * cols)
         rs = sz.empty(S, rows) if rowsum else part
         _wgrad_kernel[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_k), S)](
@@ -810,10 +639,6 @@ class _Front:
             gx, x, gy, *self.gn, self.gn_w, self.gn_eps, _sum(spart), C, P, N, n_tblk, B, RESIDUAL=residual,
             ACC=sz.meta["ACC"], BLOCK_P=block_e, BLOCK_T=block_t, num_warps=4)
         return gx, gsums[P:], gsums[:P], g_qkv_w, qsums, g_proj_w, g_sums
-
-
-def _cast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.to(like.dtype, copy=True)  # a copy: slices of one sums buffer must not alias between outputs
 
 
 def fwd(x, gn_w, gn_b, gn_eps, qkv_w, qkv_b, proj_w, proj_b, qk_dim, residual):

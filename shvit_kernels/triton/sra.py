@@ -48,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .shsa import _TL, _at, _mm, _p2, _p_ds, _sum
+from ._common import _TL, _at, _mm, _p2, _sum
+from .shsa import _p_ds
 
 # Attention blocking; module-level so that tests can shrink it to reach the multi-block paths with small shapes.
 BLOCK_QUERIES = 64  # queries per forward program

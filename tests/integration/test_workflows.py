@@ -359,10 +359,10 @@ def launch_keys():
     """{input (H, W): {kernel: set of compile keys}}: the converted model (float32) in eval (batch 1) and training
     (batch 2, forward + backward) on the Triton launchers, at RESOLUTIONS and at every stage-1 size in SWEEP, with
     the kernels replaced by recorders (nothing is computed: the activations are garbage, the launch arguments exact).
-    The SHSA launchers pick their GPU configuration (they size some tiles differently for the interpreter)."""
+    The SHSA and FFN launchers pick their GPU configuration (they size some tiles differently for the interpreter)."""
     if not TRITON:
         pytest.skip("triton is unavailable")
-    from shvit_kernels.triton import shsa as tsh
+    from shvit_kernels.triton import _common
 
     binders, seen = {}, {}
 
@@ -370,12 +370,11 @@ def launch_keys():
         key = f"{kernel.fn.__module__.rsplit('.', 1)[-1]}.{name}"
         seen.setdefault(key, set()).add(_compile_key(binders, kernel, args, kwargs))
 
-    sizes_init = tsh._Sizes.__init__
+    shape_init = _common._Shape.__init__
 
-    def as_on_gpu(self, x, *args, **kwargs):
-        sizes_init(self, types.SimpleNamespace(shape=x.shape, dtype=x.dtype, device=torch.device("cuda")), *args,
-                   **kwargs)
-        assert self.gpu, "the SHSA launchers no longer decide the GPU configuration in _Sizes"
+    def as_on_gpu(self, x):
+        shape_init(self, types.SimpleNamespace(shape=x.shape, dtype=x.dtype, device=torch.device("cuda")))
+        assert self.gpu, "the SHSA / FFN launchers no longer decide the GPU configuration in _Shape"
         self.dev = x.device
 
     model = sk.convert(_stock(), channels_last=False)  # as on a GPU: the CPU-only channels_last entry stays off
@@ -386,7 +385,7 @@ def launch_keys():
     try:
         with pytest.MonkeyPatch.context() as mp, _backend("triton"):
             replace_triton_kernels(mp, record)
-            mp.setattr(tsh._Sizes, "__init__", as_on_gpu)
+            mp.setattr(_common._Shape, "__init__", as_on_gpu)
             for hw in RESOLUTIONS + [(16 * h, 16 * h) for h in SWEEP]:
                 seen = {}
                 with torch.no_grad():
@@ -416,13 +415,13 @@ def _union(keys: dict, sizes, of=lambda k: k) -> dict:
 def test_triton_kernels_are_plain_jit():
     """The compile key above is the whole story: no kernel is wrapped in @triton.autotune or @triton.heuristics
     (whose configs / keys would add variants)."""
+    from shvit_kernels.triton import _common, ffn, shsa
     from shvit_kernels.triton import dwconv_bn as tdw
-    from shvit_kernels.triton import shsa as tsh
     from shvit_kernels.triton import sra as tsra
 
-    kernels = {f"{mod.__name__}.{n}": o for mod in (tdw, tsh, tsra) for n, o in vars(mod).items()
+    kernels = {f"{mod.__name__}.{n}": o for mod in (tdw, shsa, ffn, _common, tsra) for n, o in vars(mod).items()
                if n.endswith("_kernel")}
-    assert len(kernels) >= 22
+    assert len(kernels) >= 28
     for name, obj in kernels.items():
         assert type(obj).__name__ in ("JITFunction", "InterpretedFunction"), f"{name} is a {type(obj).__name__}"
 

@@ -4,9 +4,10 @@ random inputs, gives bitwise identical outputs and gradients on every backend th
 
 Audit of the kernels for scheduling-dependent arithmetic (issue #10, point 3):
 - Triton (shvit_kernels/triton): no `tl.atomic_*` anywhere. Every cross-program reduction (BatchNorm / GroupNorm
-  statistics, bias and BN-parameter gradients, the depthwise weight gradient, SHSA's split-K weight gradients) writes
-  per-program partials that a second kernel (`_row_sum` / `_sum` / `_welford`) adds in a fixed order; tile sizes and
-  the split-K factor depend on the shape and device type only. Deterministic by construction: no mode to switch.
+  statistics, bias and BN-parameter gradients, the depthwise weight gradient, SHSA's and FFN's split-K weight
+  gradients) writes per-program partials that a second kernel (`_row_sum` / `_sum` / `_welford`) adds in a fixed order;
+  tile sizes and the split-K factor depend on the shape and device type only. Deterministic by construction: no mode
+  to switch.
 - CUDA (csrc/cuda): no `atomicAdd`; per-block partials reduced in a fixed order (reduce.cu), fixed shuffle / shared
   memory trees, split counts fixed by the shape (`wgrad_splits`, `grad_w_partials`, `conv_partials_*`). The same.
 - C++ (csrc/cpu): no OpenMP reductions or atomics. dwconv_bn sums each channel inside one task in a fixed order;

@@ -105,6 +105,7 @@ try:
     import triton.language as tl
 
     from shvit_kernels.triton import dwconv_bn as tdw
+    from shvit_kernels.triton import ffn as tffn
     from shvit_kernels.triton import shsa as tsh
     from shvit_kernels.triton import sra as tsra
 except ImportError:
@@ -202,11 +203,31 @@ def test_triton_sra_grids(launches, shape):
     _assert_grids_fit(launches, kernels)
 
 
+@needs_triton
+@pytest.mark.parametrize("shape", [(64, 256, 512, 512, 512), (2**17, 32, 33, 33, 64), (2, 3, 40000, 40000, 7)],
+                         ids=["large", "batch>65535", "huge-plane"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_triton_ffn_grids(launches, shape, fmt):
+    b, d, h, w, hid = shape
+    x = torch.empty(b, d, h, w, device=META).contiguous(memory_format=fmt)
+    assert x.numel() >= 2 * BIG
+    w1, w2, hv, dv = (torch.empty(*s, device=META) for s in ((hid, d), (d, hid), (hid,), (d,)))
+    assert tffn.fwd(x, w1, hv, w2, dv).shape == x.shape
+    assert tffn.bwd(x, x, w1, hv, w2, dv)[0].shape == x.shape
+    y, m1, v1, m2, v2, z1, z2 = tffn.train_fwd(x, w1, hv, hv, 1e-5, w2, dv, dv, 1e-5)
+    assert y.shape == x.shape and y.is_contiguous(memory_format=fmt) and z1.shape == (b, hid, h, w)
+    grads = tffn.train_bwd(x, x, w1, hv, hv, 1e-5, w2, dv, dv, 1e-5, m1, v1, m2, v2, z1, z2)
+    assert grads[0].shape == x.shape and grads[1].shape == w1.shape
+    _assert_grids_fit(launches, ["_fused_fwd_kernel", "_fused_bwd_kernel", "_gemm_kernel", "_bn_residual_kernel",
+                                 "_bn_sums_kernel", "_wgrad_kernel", "_welford_kernel", "_sum_kernel"])
+
+
 # ---- Triton index helpers with overflowing operands --------------------------------------------------------------
 
 if triton is not None:
     _ptrs, _tap_off, _count = tdw._ptrs, tdw._tap_off, tdw._count
     _rows, _rows_t, _at = tsh._rows, tsh._rows_t, tsh._at
+    _tok_ptrs = tffn._ptrs
 
     @triton.jit
     def _probe_kernel(out_ptr, cnt_ptr, b, c, h, w, sb, sc, sh, sw, dh, dw, P, n_tiles, hwo, s, R, r, N, t):
@@ -219,6 +240,7 @@ if triton is not None:
         tl.store(out_ptr + 2 + i[:, None], _rows(zero, s, r + one, t + one, R, N))
         tl.store(out_ptr + 3 + i[:, None], _rows_t(zero, s, r + one, t + one, R, N))
         tl.store(out_ptr + 4, _at(s, R, r))
+        tl.store(out_ptr + 5 + i[:, None], _tok_ptrs(zero, b, sb, r + one, sc, t + one, sh))
         tl.store(cnt_ptr, _count(P, n_tiles, hwo, tl.float64))
 
 
@@ -232,9 +254,10 @@ def test_triton_index_helpers_are_64_bit():
               v["dh"] * v["sh"] + v["dw"] * v["sw"],
               (v["s"] * v["R"] + v["r"]) * v["N"] + v["t"],
               (v["s"] * v["R"] + v["r"]) * v["N"] + v["t"],
-              v["s"] * v["R"] + v["r"]]
+              v["s"] * v["R"] + v["r"],
+              v["b"] * v["sb"] + v["r"] * v["sc"] + v["t"] * v["sh"]]
     assert all(abs(e) >= BIG for e in expect)
-    out = torch.zeros(5, dtype=torch.int64, device=device)
+    out = torch.zeros(6, dtype=torch.int64, device=device)
     cnt = torch.zeros(1, dtype=torch.float64, device=device)
     _probe_kernel[(1,)](out, cnt, *v.values())
     assert out.tolist() == expect
