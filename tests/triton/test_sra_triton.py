@@ -1,22 +1,13 @@
 """Triton SRA (shvit_kernels.triton.sra) against the float64 reference spec (shvit_kernels.reference.sra).
 
-Runs on CPU tensors under TRITON_INTERPRET=1 (set here before triton is imported), or on CUDA when the
-variable is set to 0 and a GPU is present. Shapes are small: the interpreter costs ~8 ms per program.
+Devices and the interpreter: tests/triton/__init__.py.
 """
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 
-pytest.importorskip("triton")
-if os.environ["TRITON_INTERPRET"] == "1":
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("TRITON_INTERPRET is off and there is no CUDA device", allow_module_level=True)
+from tests.triton import triton_device
+
+DEVICE = triton_device()
 
 import shvit_kernels
 from shvit_kernels import ops
