@@ -94,9 +94,12 @@ def _swap_conv_bn(parent: nn.Module) -> int:
 
 
 def _to_channels_last(module: nn.Module, args: tuple) -> tuple | None:
-    """Forward pre-hook: an NCHW image batch on the CPU enters the model channels_last (see convert)."""
+    """Forward pre-hook: an fp32 / fp64 image batch on the CPU enters the model channels_last (see convert). Not
+    under CPU autocast: there the fused ops run their reference kernels in fp16 / bf16 (the C++ ones are fp32 /
+    fp64), the layout buys nothing, and oneDNN's reduced-precision convolutions round differently per layout."""
     x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu" and x.is_floating_point():
+    if isinstance(x, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu" \
+            and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu"):
         return (x.contiguous(memory_format=torch.channels_last), *args[1:])
     return None
 
@@ -124,10 +127,11 @@ def convert(model: nn.Module, inference: bool = False, channels_last: bool = Tru
     are those of the official SHViT deploy model (its `replace_batchnorm`). The folded model is meant for
     inference; training it trains the BN-free network.
 
-    channels_last=True (default): on the CPU, a 4-D floating input of the model is made channels_last on entry
-    (a forward pre-hook; not part of the state_dict), so that every layer runs in the layout in which oneDNN's
-    convolutions and the C++ kernels are fastest and no fused op transposes its activations. Outputs are equal;
-    a 4-D output (a feature map) comes back channels_last. CUDA inputs are left as they are. False removes it.
+    channels_last=True (default): on the CPU, a 4-D fp32 / fp64 input of the model (outside autocast) is made
+    channels_last on entry (a forward pre-hook; not part of the state_dict), so that every layer runs in the
+    layout in which oneDNN's convolutions and the C++ kernels are fastest and no fused op transposes its
+    activations. Outputs are equal; a 4-D output (a feature map) comes back channels_last. CUDA inputs are left
+    as they are. False removes it.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")

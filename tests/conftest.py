@@ -18,8 +18,9 @@ warnings.filterwarnings("ignore", message="C++ extension shvit_kernels._C not im
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    """A fresh, reported seed per test: inputs are random, failures reproducible (SHVIT_TEST_SEED=...)."""
-    seed = int(os.environ.get("SHVIT_TEST_SEED", torch.randint(0, 2**31 - 1, ()).item()))
+    """A fresh, reported seed per test: inputs are random, failures reproducible (SHVIT_TEST_SEED=...). Drawn from
+    the OS, not from torch's generator, which a previous test or module fixture may have seeded to a constant."""
+    seed = int(os.environ.get("SHVIT_TEST_SEED", int.from_bytes(os.urandom(4), "little") % (2**31 - 1)))
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield

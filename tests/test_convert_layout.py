@@ -83,3 +83,13 @@ def test_entry_survives_deepcopy_and_pickle():
         x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
         with torch.no_grad():
             torch.testing.assert_close(m(x), fused(x), rtol=0, atol=0)
+
+
+def test_no_channels_last_entry_under_autocast():
+    """Under CPU autocast the fused ops run their fp16 / bf16 reference kernels: the input keeps its layout."""
+    fused = sk.convert(_stock().float()).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert all(_ffn_input_layouts(fused, x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not any(_ffn_input_layouts(fused, x))
