@@ -243,6 +243,60 @@ def test_shsa_properties(backend, device):
     check()
 
 
+# ---- residual FFN ------------------------------------------------------------------------------------------------
+
+def _ffn_stock(x, w1, a1, c1, w2, a2, c2, train, taps=None):
+    """x + Conv2d_BN(ReLU(Conv2d_BN(x))) with 1x1 convs, as stock PyTorch runs it. Eval: (a, c) are the folded
+    biases (c None); training: BatchNorm weight and bias with batch statistics. taps gets the ReLU's input."""
+    def conv_bn(t, w, a, c):
+        z = F.conv2d(t, w[:, :, None, None])
+        return F.batch_norm(z, None, None, a, c, True, 0.0, 1e-5) if train else z + a[:, None, None]
+    pre = conv_bn(x, w1, a1, c1)
+    if taps is not None:
+        taps.append(pre)
+    return x + conv_bn(pre.relu(), w2, a2, c2)
+
+
+@pytest.mark.parametrize("backend,device", targets("ffn"))
+def test_ffn_properties(backend, device):
+    @_budget(backend, device)
+    @given(b=st.integers(1, 5), d=st.integers(1, 40), hid=st.integers(1, 80), h=st.integers(1, 12),
+           w=st.integers(1, 12), dtype=DTYPES, layout=LAYOUTS, train=st.booleans(), seed=SEEDS)
+    def check(b, d, hid, h, w, dtype, layout, train, seed):
+        if _interpreted(backend, device):
+            b, d, hid, h, w = min(b, 2), min(d, 12), min(hid, 24), min(h, 5), min(w, 5)
+        if train and (b * h * w < MIN_NORM or min(d, hid) < 2):  # see MIN_NORM and the SHSA case
+            return
+        r = Rand(seed)
+        base = {"pw1_weight": r.randn(hid, d) / d ** .5}
+        base.update(dict(bn1_weight=r.rand(hid) + .5, bn1_bias=r.randn(hid)) if train else dict(pw1_bias=r.randn(hid)))
+        base["pw2_weight"] = r.randn(d, hid) / hid ** .5
+        base.update(dict(bn2_weight=r.rand(d) + .5, bn2_bias=r.randn(d)) if train else dict(pw2_bias=r.randn(d)))
+        x64, gy64 = r.randn(b, d, h, w), r.randn(b, d, h, w)
+
+        def stock(x, *p):
+            p = list(p) if train else [p[0], p[1], None, p[2], p[3], None]
+            return _ffn_stock(x, *p, train)
+
+        taps = []
+        _ffn_stock(x64, *(list(base.values()) if train else [*list(base.values())[:2], None,
+                                                             *list(base.values())[2:], None]), train, taps)
+        if _near_kink(taps[0], dtype):
+            return
+
+        def fused(x, *p):
+            kw = dict(zip(base, p))
+            return ops.ffn_train(x, **kw)[0] if train else ops.ffn(x, **kw)
+
+        names = ["x", *base]
+        groups = [(0,), tuple(i for i, n in enumerate(names) if n[:3] in ("pw1", "bn1")),
+                  tuple(i for i, n in enumerate(names) if n[:3] in ("pw2", "bn2"))]
+        _check(stock, fused, [x64, *base.values()], gy64, dtype, layout, (backend, device),
+               _shuffles(r, b, h * w, "nchw"), names, groups)
+
+    check()
+
+
 # ---- SRA (PVT) -------------------------------------------------------------------------------------------------
 
 def _sra_reduce_stock(x, h, w, sr_w, sr_b, ln_w, ln_b, sr_ratio, linear):
