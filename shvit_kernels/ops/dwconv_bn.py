@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import dwconv_bn as ref
+from ..reference.ffn import memory_format
 from ._checks import autocast, check_same_device, check_same_dtype, check_tensor, empty_result
 
 OP = "dwconv_bn"
@@ -32,7 +33,7 @@ def _out_hw(h: int, w: int, k: int, stride: int) -> tuple[int, int]:
 
 
 def _like(x: Tensor, c: int, h: int, w: int) -> Tensor:
-    return torch.empty((x.shape[0], c, h, w), dtype=x.dtype, device=x.device, memory_format=_fmt(x))
+    return torch.empty((x.shape[0], c, h, w), dtype=x.dtype, device=x.device, memory_format=memory_format(x))
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
@@ -109,14 +110,9 @@ def _train_setup(ctx, inputs, output):
 
 def _train_backward(ctx, grad_y, _grad_mean, _grad_var):
     x, weight, bn_weight, mean, var, y = ctx.saved_tensors
-    gx, gw, gbw, gbb = _dwconv_bn_train_backward(grad_y.contiguous(memory_format=_fmt(y)), x, weight, bn_weight,
+    gx, gw, gbw, gbb = _dwconv_bn_train_backward(grad_y.contiguous(memory_format=memory_format(y)), x, weight, bn_weight,
                                                  mean, var, y, *ctx.args)
     return gx, gw, gbw, gbb, None, None, None, None
-
-
-def _fmt(t: Tensor) -> torch.memory_format:
-    channels_last = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 _dwconv_bn_train.register_autograd(_train_backward, setup_context=_train_setup)

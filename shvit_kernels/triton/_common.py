@@ -87,6 +87,14 @@ def _welford_partial(part_ptr, s, S, R, r, rm, v, mask, n):
 # ---- reductions ------------------------------------------------------------------------------------------
 
 @triton.jit
+def _chan_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    # Chan's pairwise update: (mean, M2, count) of the union of two disjoint sets from those of each set
+    n_ab = n_a + n_b
+    delta = mean_b - mean_a
+    return mean_a + delta * (n_b / n_ab), m2_a + m2_b + delta * delta * (n_a * n_b / n_ab), n_ab
+
+
+@triton.jit
 def _welford_kernel(part_ptr, mean_ptr, var_ptr, S, R, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
                     BLOCK_R: tl.constexpr):
     # Fixed-order merge of (3, S, R) Welford partials into per-row mean and biased variance: each chunk of
@@ -109,11 +117,7 @@ def _welford_kernel(part_ptr, mean_ptr, var_ptr, S, R, ACC: tl.constexpr, BLOCK_
         mean_b = tl.sum(n * mu, axis=0) / n_b
         d = mu - mean_b[None, :]
         m2_b = tl.sum(m2 + n * d * d, axis=0)
-        n_ab = n_a + n_b
-        delta = mean_b - mean_a
-        mean_a += delta * (n_b / n_ab)
-        m2_a += m2_b + delta * delta * (n_a * n_b / n_ab)
-        n_a = n_ab
+        mean_a, m2_a, n_a = _chan_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b)
     tl.store(mean_ptr + r, mean_a, mask=rm)
     tl.store(var_ptr + r, m2_a / n_a, mask=rm)
 

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import _chan_merge
+
 _TILE, _WARPS = 1024, 8  # elements per [BLOCK_C, BLOCK_HW] tile: 4 per thread (~60-130 registers)
 _RED_TILE, _RED_P = 2048, 512  # reduction tile: elements, and most partials per row chunk
 
@@ -152,11 +154,7 @@ def _welford_kernel(pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C, P, n_tiles, HWo,
         mean_b = tl.sum(n[None, :] * mu, axis=1) / n_b
         d = mu - mean_b[:, None]
         m2_b = tl.sum(m2 + n[None, :] * d * d, axis=1)
-        n_ab = n_a + n_b
-        delta = mean_b - mean_a
-        mean_a += delta * (n_b / n_ab)
-        m2_a += m2_b + delta * delta * (n_a * n_b / n_ab)
-        n_a = n_ab
+        mean_a, m2_a, n_a = _chan_merge(mean_a, m2_a, n_a, mean_b, m2_b, n_b)
     tl.store(mean_ptr + c, mean_a, mask=cm)
     tl.store(var_ptr + c, m2_a / n_a, mask=cm)
 
