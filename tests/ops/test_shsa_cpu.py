@@ -90,9 +90,12 @@ def test_float32_error_within_twice_stock(shape, train):
             err = (f.double() - o).abs().max().item()
             stock_err = (s.double() - o).abs().max().item()
             # A gradient that is 0 in exact arithmetic (gn_b's behind a training BatchNorm) is pure rounding
-            # noise in both: its atol is on the scale of the call's other outputs.
+            # noise in both: its atol is on the scale of the call's other outputs. The atol is 64 fp32 ulps of that
+            # scale (7.6e-6 relative): the max error of one fp32 run is itself a noisy sample (a reduction over n
+            # terms errs by ~sqrt(n) ulps in any order), and with 1e-6 a lucky stock run failed ~1 seed in 8 at
+            # ratios up to 6x; TF32 or fp16 accumulation (~1e-3 relative) still fails by two orders of magnitude.
             scale = _scale(o) if o.abs().max() > 1e-9 * top else top
-            assert err <= 2 * stock_err + 1e-6 * scale, \
+            assert err <= 2 * stock_err + 64 * torch.finfo(torch.float32).eps * scale, \
                 f"{'backward' if part else 'forward'} output {i}: error {err:.3e} > 2 x stock {stock_err:.3e}"
 
 
