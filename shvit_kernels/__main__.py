@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     b.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     b.add_argument("--batch", type=int, default=16, help="batch of the op cases")
-    b.add_argument("--ops", nargs="*", choices=["dwconv_bn", "ffn", "shsa", "sra"],
+    b.add_argument("--ops", nargs="*", choices=["dwconv_bn", "ffn", "pw_conv_bn", "shsa", "sra"],
                    help="op cases (all when given bare; run by default unless --models is given)")
     b.add_argument("--mode", nargs="+", default=["eval fwd", "train fwd+bwd"], choices=[*MODES, "all"],
                    help="op modes (default: eval fwd, train fwd+bwd; all: the four)")

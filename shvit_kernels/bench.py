@@ -25,8 +25,9 @@ from torch import nn
 from . import autotable, backends
 from .convert import convert
 from .nn import SRA as FusedSRA
-from .reference import FFN, SRA, BN_Linear, Conv2d_BN, Residual, SHSA, residual_dwconv
-from .roofline import (MODES, Ceilings, Cost, dwconv_bn_cost, ffn_cost, rotate, rotation_sets, shsa_cost, sra_cost,
+from .reference import FFN, SRA, BN_Linear, Conv2d_BN, PatchMerging, Residual, SHSA, residual_dwconv
+from .reference.patch_merging import make_divisible
+from .roofline import (MODES, Ceilings, Cost, dwconv_bn_cost, ffn_cost, patch_merging_cost, rotate, rotation_sets, shsa_cost, sra_cost,
                        time_ms)
 
 __all__ = ["IMPLS", "MODES", "Case", "Prepared", "Result", "add_compiled", "cases", "compile_module", "environment",
@@ -117,14 +118,16 @@ class Case:
 
 
 def cases(batch: int) -> list[Case]:
-    """SHViT-S4 shapes of the issues, stage 1 (224 ch, 16x16 at 256 px: depthwise block and FFN 224 -> 448 -> 224)
-    and stage 2 (336 ch, pdim 72, 8x8), and PVTv2-b2's stage 1 and 2 attention (56x56 tokens, 64 ch, one head,
+    """SHViT-S4 shapes of the issues, stage 1 (224 ch, 16x16 at 256 px: depthwise block and FFN 224 -> 448 -> 224),
+    the PatchMerging into stage 2 (its 1x1 convs on `pw_conv_bn`) and stage 2's SHSA (336 ch, pdim 72, 8x8), and PVTv2-b2's stage 1 and 2 attention (56x56 tokens, 64 ch, one head,
     sr 8; 28x28 tokens, 128 ch, two heads, sr 4) against stock PVT and stock with SDPA ("sdpa" rows)."""
     return [
         Case("dwconv_bn", f"{batch}x224x16x16 k3", lambda: residual_dwconv(224), (batch, 224, 16, 16),
              lambda e: dwconv_bn_cost(batch, 224, 16, 16, 3, 1, e)),
         Case("ffn", f"{batch}x224x16x16 h448", lambda: Residual(FFN(224, 448)), (batch, 224, 16, 16),
              lambda e: ffn_cost(batch, 224, 448, 256, e)),
+        Case("pw_conv_bn", f"{batch}x224x16x16 PatchMerging->336", lambda: PatchMerging(224, 336),
+             (batch, 224, 16, 16), lambda e: patch_merging_cost(batch, 224, 336, 16, 16, make_divisible(224), e)),
         Case("shsa", f"{batch}x336x8x8 p72", lambda: Residual(SHSA(336, 16, 72)), (batch, 336, 8, 8),
              lambda e: shsa_cost(batch, 336, 72, 16, 64, e)),
         *(Case("sra", f"{batch}x{hw * hw}x{dim} h{heads} sr{sr}{tag}", _sra_maker(cls, dim, heads, sr),

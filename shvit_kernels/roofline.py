@@ -198,6 +198,18 @@ def ffn_cost(b: int, dim: int, hidden: int, n: int, elem: int) -> dict[str, Cost
     return by_mode(flops, b * n * dim, b * n * dim, params, elem)
 
 
+def patch_merging_cost(b: int, dim: int, out: int, h: int, w: int, rd: int, elem: int) -> dict[str, Cost]:
+    """PatchMerging: 1x1 dim -> 4 dim, BN, ReLU; depthwise 3x3 stride 2, BN, ReLU; SqueezeExcite (rd channels);
+    1x1 4 dim -> out, BN. Bytes: input, output and weights only (the whole block fused), so the 4 dim-wide
+    intermediates that the layer-wise kernels write count against their % of roofline."""
+    hid, n = 4 * dim, h * w
+    n2 = ((h - 1) // 2 + 1) * ((w - 1) // 2 + 1)
+    flops = b * (n * hid * (2 * dim + 3) + n2 * hid * (2 * 9 + 3) + 2 * n2 * hid + 4 * hid * rd
+                 + n2 * out * (2 * hid + 2))
+    params = dim * hid + 9 * hid + 2 * hid * rd + rd + hid + hid * out + 4 * hid + 2 * out
+    return by_mode(flops, b * dim * n, b * out * n2, params, elem)
+
+
 def sra_cost(b: int, n: int, c: int, heads: int, sr: int, elem: int) -> dict[str, Cost]:
     """PVT spatial-reduction attention (v1 / v2 conv reduction, sr > 1): n tokens, m = n / sr^2 keys."""
     m = n // (sr * sr)

@@ -54,6 +54,23 @@ def is_shsa(m: nn.Module) -> bool:
         and len(proj) == 2 and type(proj[0]) is nn.ReLU and is_conv_bn(proj[1])
 
 
+def _is_1x1(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0) \
+        and m.dilation == (1, 1) and m.groups == 1 and m.bias is not None
+
+
+def is_squeeze_excite(m: nn.Module) -> bool:
+    """x * sigmoid(fc2(relu(fc1(mean_hw(x))))): the official / reference SqueezeExcite (fc1, act, fc2) or timm's
+    SEModule (fc1, bn = Identity, act, fc2, gate = Sigmoid, no max-pool), the gate that PatchMerging's conv3 takes
+    in its prologue."""
+    names = {n for n, _ in m.named_children()}
+    gate = getattr(m, "gate", None)
+    return names <= {"fc1", "bn", "act", "fc2", "gate"} and _is_1x1(getattr(m, "fc1", None)) \
+        and _is_1x1(getattr(m, "fc2", None)) and type(getattr(m, "act", None)) is nn.ReLU \
+        and type(getattr(m, "bn", nn.Identity())) is nn.Identity and not getattr(m, "add_maxpool", False) \
+        and (gate is None or type(gate).__name__ == "Sigmoid" and not list(gate.parameters()))
+
+
 def patch_merging_acts(m: nn.Module) -> tuple[str, str] | None:
     """Names of PatchMerging's two activations: one shared `act` (official) or `act1`, `act2` (timm)."""
     names = ("act1", "act2") if hasattr(m, "act1") else ("act", "act")

@@ -1,8 +1,12 @@
-"""Drop-in for the Conv2d_BN pairs that no fused op covers (the stem's 3x3 stride-2 convs, PatchMerging's 1x1
-convs) and the ReLU after them: they stay on the library convolution (oneDNN / cuDNN), as issue 5 allows; what
-changes is around it. In eval mode (outside autocast) the BatchNorm is folded into the conv's weight and bias
+"""Drop-in for the Conv2d_BN pairs outside the fused blocks (the stem's 3x3 stride-2 convs, PatchMerging's 1x1
+convs) and the ReLU after them.
+
+PatchMerging's 1x1 convs run the `pw_conv_bn` op (outside autocast): in training one GEMM whose batch statistics,
+BatchNorm and ReLU are fused around it (C++ on the CPU, Triton on CUDA); conv3 takes its SqueezeExcite gate in the
+GEMM's prologue (`forward(x, gate)`), in eval too. Everything else stays on the library convolution (oneDNN /
+cuDNN), as issue 5 allows: in eval mode (outside autocast) with the BatchNorm folded into the conv's weight and bias
 (cached until a parameter or buffer changes), so the conv output is written once instead of going through BN and
-ReLU passes; on the CPU the ReLU runs inside oneDNN's convolution as a post-op. Training mode is the stock
+ReLU passes; on the CPU the ReLU runs inside oneDNN's convolution as a post-op. Training there is the stock
 conv + BatchNorm."""
 from __future__ import annotations
 
@@ -10,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..ops._checks import check_same_device, check_tensor
 from ..reference import Conv2d_BN
 from ..reference.conv_bn import bn_scale_shift
-from ._bn import FoldCache, uses_batch_stats
-from ._match import is_conv_bn
+from ._bn import FoldCache, update_running_stats, uses_batch_stats
+from ._match import is_conv_bn, is_pointwise
 
 
 _MKLDNN = torch.backends.mkldnn.is_available()
@@ -61,11 +66,27 @@ class ConvBN(Conv2d_BN):
         new.train(stock.training)
         return new
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def runs_op(self, x: torch.Tensor) -> bool:
+        """Whether the pw_conv_bn op runs this layer for x: a 1x1 conv on the CPU or CUDA, outside autocast."""
+        return x.device.type in ("cpu", "cuda") and is_pointwise(self) and not _autocast(x)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """gate (B, in_channels), optional: the conv reads x * gate (PatchMerging's SqueezeExcite)."""
         conv, bn = self.c, self.bn
         check_tensor("x", x, ndim=4, shape=("B", conv.in_channels, "H", "W"))
         check_same_device("x", x, **{"c.weight": conv.weight})
-        if uses_batch_stats(bn) or _autocast(x):
+        op = self.runs_op(x)
+        if gate is not None and not op:
+            x, gate = x * gate[:, :, None, None], None
+        if uses_batch_stats(bn):
+            if op:
+                y, mean, var = ops.pw_conv_bn_train(x, conv.weight.flatten(1), bn.weight, bn.bias, bn.eps, gate,
+                                                    self.relu)
+                update_running_stats(bn, mean, var, x.shape[0] * x.shape[2] * x.shape[3])
+                return y
+            y = bn(conv(x))
+            return F.relu(y) if self.relu else y
+        if _autocast(x):
             y = bn(conv(x))
             return F.relu(y) if self.relu else y
 
@@ -74,6 +95,8 @@ class ConvBN(Conv2d_BN):
             return (conv.weight * scale[:, None, None, None]).to(x.dtype), shift.to(x.dtype)
 
         w, b = self._fold.get([conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var], fold, x.dtype)
+        if gate is not None:
+            return ops.pw_conv_bn(x, w.flatten(1), b, gate, self.relu)
         if _onednn_ok(conv, x, w):
             return torch.ops.mkldnn._convolution_pointwise(x, w, b, conv.padding, conv.stride, conv.dilation,
                                                            conv.groups, "relu" if self.relu else "none", [], "")

@@ -10,7 +10,7 @@ from ..reference import Conv2d_BN, PatchMerging, Residual
 from ..reference.conv_bn import bn_scale_shift
 from ._bn import FoldCache, update_running_stats, uses_batch_stats
 from .conv_bn import ConvBN
-from ._match import is_depthwise, is_patch_merging, is_residual, patch_merging_acts
+from ._match import is_depthwise, is_patch_merging, is_residual, is_squeeze_excite, patch_merging_acts
 
 
 def dwconv_bn_forward(m: nn.Module, cache: FoldCache, x: torch.Tensor, residual: bool, relu: bool) -> torch.Tensor:
@@ -62,9 +62,15 @@ class ResidualDWConvBN(Residual):
         return dwconv_bn_forward(self.m, self._fold, x, residual=True, relu=False)
 
 
+def _se_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The (B, C) gate by which a SqueezeExcite (is_squeeze_excite) multiplies x: sigmoid(fc2(relu(fc1(mean))))."""
+    return torch.sigmoid(se.fc2(se.act(se.fc1(x.mean((2, 3), keepdim=True))))).flatten(1)
+
+
 class FusedPatchMerging(PatchMerging):
     """PatchMerging whose stride-2 depthwise Conv2d_BN + ReLU runs as one fused op, and whose 1x1 convs are
-    ConvBNs (BN folded in eval; conv1 takes in the first ReLU). Same keys."""
+    ConvBNs (BN folded in eval; conv1 takes in the first ReLU, conv3 the SqueezeExcite's gate where it runs the
+    pw_conv_bn op: the gated activation is never written). Same keys."""
 
     def __init__(self, dim: int, out_dim: int):
         check_positive_ints("FusedPatchMerging", dim=dim, out_dim=out_dim)
@@ -97,4 +103,6 @@ class FusedPatchMerging(PatchMerging):
         check_same_device("x", x, **{"conv1.c.weight": w})
         x = self.conv1(x)
         x = dwconv_bn_forward(self.conv2, self._fold, x, residual=False, relu=True)
+        if self.conv3.runs_op(x) and is_squeeze_excite(self.se):
+            return self.conv3(x, gate=_se_gate(self.se, x))
         return self.conv3(self.se(x))

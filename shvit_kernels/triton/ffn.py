@@ -1,5 +1,6 @@
 """Triton kernels: fused residual FFN of SHViT, y = x + BN2(W2 relu(BN1(W1 x))) with 1x1 convs d -> h -> d (the
-backend interface of `shvit_kernels.ops.ffn`; the spec and signatures are shvit_kernels/reference/ffn.py's).
+backend interface of `shvit_kernels.ops.ffn`; the spec and signatures are shvit_kernels/reference/ffn.py's). The
+training form's kernels are the shared token GEMMs of _token_gemm.py.
 
 Sizes: d channels, h hidden rows, N = H*W tokens. Every activation is indexed through its (sample, channel, token)
 strides: x, grad_y, y and grad_x are NCHW (token stride 1) or channels_last (channel stride 1) and keep x's layout,
@@ -21,7 +22,7 @@ Training forward (3 passes, each BN's batch statistics force a boundary; 3 launc
   _gemm_kernel EPI 0 (B*token tiles, h row blocks)  z1 = W1 x; read x, write z1 (h/d x); Welford partials
   _gemm_kernel EPI 0 (B*token tiles, d row blocks)  z2 = W2 relu(bn1(z1)), bn1 + ReLU applied in the operand load;
             read z1 once per d row block (of 64), write z2; Welford partials
-  _bn_residual_kernel (B*token tiles, d blocks)  y = bn2(z2) + x; read z2, x, write y
+  _bn_apply_kernel (B*token tiles, d blocks)  y = bn2(z2) + x; read z2, x, write y
 Training backward (relu(bn1(z1)) recomputed in the loads, never stored; 5 launches + 2 small sums):
   _bn_sums_kernel  read grad_y, z2 -> per-tile sums of g, g * zhat2 (bn2's backward needs their totals)
   _gemm_kernel EPI 1 (B*token tiles, h row blocks)  g1 = (W2^T bn2_bwd(grad_y)) * relu'(bn1(z1)), bn2's backward
@@ -38,65 +39,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.ffn import memory_format
-from ._common import (_BLOCK_K, _BLOCK_R, _BLOCK_T, _BN, _EW_TILE, _GEMM_WARPS, _WGRAD_PROGRAMS, _at, _bn_coef,
-                     _bn_grad, _cast, _mm, _p2, _rstd, _Shape, _split_k, _store_wgrad, _sum, _welford, _welford_partial)
+from ._common import _BLOCK_T, _BN, _cast, _mm, _p2, _sum, _welford
+from ._token_gemm import (_Dims, _bn_apply_kernel, _bn_operand, _bn_sums_kernel, _dense, _gemm, _gemm_launch, _no_bn,
+                          _ptrs, _relu, _st, _t, _wgrad)
 
 # Fused eval kernels' tiles; module-level so that tests can shrink them to reach the multi-block paths.
 FUSED_ROWS = 256  # most output channels per program (a [FUSED_ROWS, tokens] fp32 accumulator in registers)
 FUSED_HIDDEN = 32  # hidden rows per step
 FUSED_K = 64  # channels per step of the first GEMM (W1[hb] x)
 _FUSED_ACC = 8192  # accumulator elements per program: 32 fp32 registers a thread at 8 warps
-INTERP_WGRAD_PROGRAMS = 1  # weight-grad programs wanted under the interpreter (tests raise it: multi-split path)
-
-
-# ---- device helpers ----------------------------------------------------------------------------------------
-
-@triton.jit
-def _ptrs(ptr, b, sb, r, sr, t, st):
-    # [len(r), len(t)] pointers: rows r, tokens t of sample b of a (B, R, N) activation with strides (sb, sr, st).
-    # int64 throughout: B*R*N, and within a sample R*N (NCHW) or N*R (channels_last), may pass 2**31
-    return ptr + tl.cast(b, tl.int64) * sb + (r.to(tl.int64) * sr)[:, None] + (t.to(tl.int64) * st)[None, :]
-
-
-@triton.jit
-def _relu(v):
-    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as torch
-
-
-@triton.jit
-def _operand(p, sb, sr, st, z, szb, szr, szt, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, sums_ptr, eps, count,
-             b, r, rm, t, tm, R, PRO: tl.constexpr, ACC: tl.constexpr):
-    # Rows r x tokens t of a (B, R, N) operand in ACC, 0 outside. PRO 0: as stored; 1: relu(bn(a)), the training
-    # BN (batch mean / var) applied in the load; 2: bn's backward of the grad a of its output (z: bn's input,
-    # sums [sum g | sum g * zhat], count values per row)
-    mask = rm[:, None] & tm[None, :]
-    a = tl.load(_ptrs(p, b, sb, r, sr, t, st), mask=mask, other=0.0).to(ACC)
-    if PRO == 1:
-        scale, shift = _bn_coef(mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps, r, rm, True, ACC)
-        a = tl.where(mask, _relu(a * scale[:, None] + shift[:, None]), 0.0)
-    elif PRO == 2:
-        zt = tl.load(_ptrs(z, b, szb, r, szr, t, szt), mask=mask, other=0.0).to(ACC)
-        a = _bn_grad(a, zt, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps, count, r, rm, mask, R, ACC)
-    return a
-
-
-@triton.jit
-def _gemm(w_ptr, swr, swk, r, rm, a_ptr, sab, sak, sat, z_ptr, szb, szk, szt, mean_ptr, var_ptr, bnw_ptr, bnb_ptr,
-          sums_ptr, eps, count, b, t, tm, K, PRO: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
-    # W[r, :] @ A[:, t] over the K rows of the operand A (prologue PRO, see _operand); W through its strides, so
-    # that a transposed weight costs nothing
-    acc = tl.zeros([BLOCK_R, BLOCK_T], ACC)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        km = k < K
-        w = tl.load(w_ptr + r[:, None] * swr + k[None, :] * swk, mask=rm[:, None] & km[None, :], other=0.0)
-        a = _operand(a_ptr, sab, sak, sat, z_ptr, szb, szk, szt, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, sums_ptr, eps,
-                     count, b, k, km, t, tm, K, PRO, ACC)
-        acc = _mm(w.to(DOT), a.to(DOT), acc, ACC)
-    return acc
-
 
 @triton.jit
 def _hidden(w1_ptr, sw1h, sw1c, b1_ptr, x_ptr, sxb, sxc, sxt, b, hr, hm, t, tm, D, ACC: tl.constexpr,
@@ -168,137 +119,7 @@ def _fused_bwd_kernel(x_ptr, sxb, sxc, sxt, gy_ptr, sgb, sgc, sgt, w1_ptr, sw1h,
     tl.store(_ptrs(gx_ptr, b, sob, c, soc, t, sot), acc.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
-# ---- training form: GEMMs with BN prologues / statistics epilogues -------------------------------------------
-
-@triton.jit
-def _gemm_kernel(w_ptr, swr, swk, a_ptr, sab, sak, sat, az_ptr, szb, szk, szt, a_mean, a_var, a_w, a_b, a_sums, a_eps,
-                 count, o_ptr, sob, sor, sot, e_ptr, seb, ser, set_, e_mean, e_var, e_w, e_b, e_eps, part_ptr,
-                 R, K, N, n_tblk, S,
-                 PRO: tl.constexpr, EPI: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
-    # out = W @ A for BLOCK_R rows x BLOCK_T tokens, A through its prologue PRO (see _operand; its BN: a_*).
-    # EPI 0: out and Welford partials of out (the training forward's pre-BN z1 / z2).
-    # EPI 1: out = acc * relu'(bn1(e)) (e = z1, bn1 = e_*: the grad of bn1's output) and per-tile sums of out and
-    #        out * zhat1, from out as stored (bn1's backward reads the stored values).
-    # EPI 2: out = acc + e (e = grad_y: grad_x).
-    bt = tl.program_id(0)
-    b = bt // n_tblk
-    tb = bt % n_tblk
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rm = r < R
-    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    tm = t < N
-    acc = _gemm(w_ptr, swr, swk, r, rm, a_ptr, sab, sak, sat, az_ptr, szb, szk, szt, a_mean, a_var, a_w, a_b, a_sums,
-                a_eps, count, b, t, tm, K, PRO, ACC, DOT, BLOCK_R, BLOCK_K, BLOCK_T)
-    mask = rm[:, None] & tm[None, :]
-    if EPI == 0:  # padded tokens hold 0: the operand is 0 there
-        _welford_partial(part_ptr, bt, S, R, r, rm, acc, mask, tl.minimum(N - tb * BLOCK_T, BLOCK_T).to(ACC))
-    elif EPI == 1:
-        z = tl.load(_ptrs(e_ptr, b, seb, r, ser, t, set_), mask=mask, other=0.0).to(ACC)
-        scale, shift = _bn_coef(e_mean, e_var, e_w, e_b, e_eps, r, rm, True, ACC)
-        acc = tl.where(mask & (z * scale[:, None] + shift[:, None] > 0), acc, 0.0)
-        acc = acc.to(o_ptr.dtype.element_ty).to(ACC)
-        zhat = (z - tl.load(e_mean + r, mask=rm, other=0.0)[:, None]) * _rstd(e_var, r, rm, e_eps)[:, None]
-        tl.store(part_ptr + _at(bt, 2 * R, r), tl.sum(acc, axis=1), mask=rm)
-        tl.store(part_ptr + _at(bt, 2 * R, R + r), tl.sum(acc * zhat, axis=1), mask=rm)
-    else:
-        acc += tl.load(_ptrs(e_ptr, b, seb, r, ser, t, set_), mask=mask, other=0.0).to(ACC)
-    tl.store(_ptrs(o_ptr, b, sob, r, sor, t, sot), acc.to(o_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _bn_residual_kernel(z_ptr, szb, szc, szt, x_ptr, sxb, sxc, sxt, y_ptr, syb, syc, syt, mean_ptr, var_ptr, bnw_ptr,
-                        bnb_ptr, eps, C, N, n_tblk,
-                        ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
-    # y = bn(z) + x over a [BLOCK_C, BLOCK_T] tile
-    bt = tl.program_id(0)
-    b = bt // n_tblk
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    t = (bt % n_tblk) * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask = cm[:, None] & (t < N)[None, :]
-    scale, shift = _bn_coef(mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps, c, cm, True, ACC)
-    z = tl.load(_ptrs(z_ptr, b, szb, c, szc, t, szt), mask=mask, other=0.0).to(ACC)
-    y = z * scale[:, None] + shift[:, None] + tl.load(_ptrs(x_ptr, b, sxb, c, sxc, t, sxt), mask=mask,
-                                                      other=0.0).to(ACC)
-    tl.store(_ptrs(y_ptr, b, syb, c, syc, t, syt), y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _bn_sums_kernel(g_ptr, sgb, sgc, sgt, z_ptr, szb, szc, szt, mean_ptr, var_ptr, eps, part_ptr, C, N, n_tblk,
-                    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
-    # per-tile sums of g and g * zhat (zhat = bn-normalised z) at [tile, c] and [tile, C + c] of (S, 2C)
-    bt = tl.program_id(0)
-    b = bt // n_tblk
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    t = (bt % n_tblk) * BLOCK_T + tl.arange(0, BLOCK_T)
-    mask = cm[:, None] & (t < N)[None, :]
-    g = tl.load(_ptrs(g_ptr, b, sgb, c, sgc, t, sgt), mask=mask, other=0.0).to(ACC)
-    z = tl.load(_ptrs(z_ptr, b, szb, c, szc, t, szt), mask=mask, other=0.0).to(ACC)
-    zhat = (z - tl.load(mean_ptr + c, mask=cm, other=0.0)[:, None]) * _rstd(var_ptr, c, cm, eps)[:, None]
-    tl.store(part_ptr + _at(bt, 2 * C, c), tl.sum(g, axis=1), mask=cm)
-    tl.store(part_ptr + _at(bt, 2 * C, C + c), tl.sum(tl.where(mask, g * zhat, 0.0), axis=1), mask=cm)
-
-
-@triton.jit
-def _wgrad_kernel(l_ptr, slb, slr, slt, lz_ptr, slzb, slzr, slzt, l_mean, l_var, l_w, l_sums, l_eps,
-                  r_ptr, srb, srk, srt, r_mean, r_var, r_w, r_b, r_eps, count, part_ptr, rowsum_ptr,
-                  R, K, N, n_tblk, n_tiles, per_split,
-                  PRO_L: tl.constexpr, PRO_R: tl.constexpr, ROWSUM: tl.constexpr, ACC: tl.constexpr,
-                  DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
-    # Split-K weight grad: the partial over this split's token tiles of sum_{b,n} L[b, r, n] * Rt[b, k, n], both
-    # operands through their prologues (L: 0 or 2, a grad behind a BN; Rt: 0 or 1, relu(bn1(z1))). ROWSUM: also the
-    # partial sums of L (an eval bias grad)
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rm = r < R
-    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    km = k < K
-    sp = tl.program_id(2)
-    acc = tl.zeros([BLOCK_R, BLOCK_K], ACC)
-    rs = tl.zeros([BLOCK_R], ACC)
-    for tile in range(sp * per_split, tl.minimum(sp * per_split + per_split, n_tiles)):
-        b = tile // n_tblk
-        t = (tile % n_tblk) * BLOCK_T + tl.arange(0, BLOCK_T)
-        tm = t < N
-        g = _operand(l_ptr, slb, slr, slt, lz_ptr, slzb, slzr, slzt, l_mean, l_var, l_w, l_w, l_sums, l_eps, count,
-                     b, r, rm, t, tm, R, PRO_L, ACC)
-        a = _operand(r_ptr, srb, srk, srt, r_ptr, srb, srk, srt, r_mean, r_var, r_w, r_b, r_mean, r_eps, count,
-                     b, k, km, t, tm, K, PRO_R, ACC)
-        acc = _mm(g.to(DOT), tl.trans(a.to(DOT)), acc, ACC)
-        if ROWSUM:
-            rs += tl.sum(g, axis=1)
-    _store_wgrad(part_ptr, rowsum_ptr, acc, rs, sp, r, rm, k, km, R, K, ROWSUM)
-
-
 # ---- host side -------------------------------------------------------------------------------------------
-
-def _st(t: torch.Tensor) -> tuple[int, int, int]:
-    """(sample, channel, token) strides of a (B, C, H, W) tensor dense in NCHW or channels_last (token n = h*W + w
-    sits at n times the W stride; with W == 1 at h times the H stride)."""
-    return t.stride(0), t.stride(1), t.stride(3) if t.shape[3] > 1 else t.stride(2)
-
-
-class _Dims(_Shape):
-    def __init__(self, x: torch.Tensor, hidden: int):
-        super().__init__(x)
-        self.D, self.HD = self.C, hidden
-        self.fmt = memory_format(x)
-        self.count = self.B * self.N  # values per channel of the BN statistics
-
-    def like(self, x: torch.Tensor, c: int, fmt: torch.memory_format | None = None) -> torch.Tensor:
-        """A (B, c, H, W) activation of x's dtype, in fmt (default: x's layout)."""
-        return torch.empty((self.B, c, *x.shape[2:]), dtype=x.dtype, device=x.device,
-                           memory_format=fmt or self.fmt)
-
-    def ew_blocks(self, rows: int) -> tuple[int, int, int]:
-        """(rows, tokens, token tiles) of an elementwise tile: long along x's contiguous dim."""
-        if self.fmt != torch.channels_last:
-            return super().ew_blocks(rows)
-        block_c = min(triton.next_power_of_2(rows), 64)
-        block_t = min(_p2(self.N), _EW_TILE // block_c)
-        return block_c, block_t, triton.cdiv(self.N, block_t)
-
 
 def _fused_blocks(dm: _Dims) -> tuple[int, int, int, int]:
     """(BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_T) of the fused eval kernels: the [BLOCK_D, BLOCK_T] fp32 accumulator at
@@ -312,70 +133,12 @@ def _fused_blocks(dm: _Dims) -> tuple[int, int, int, int]:
     return block_d, block_h, block_k, block_t
 
 
-def _dense(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    return t.contiguous(memory_format=memory_format(t) if fmt is None else fmt)
-
-
 def _fused_grid(dm: _Dims) -> tuple[tuple[int, int], dict]:
     block_d, block_h, block_k, block_t = _fused_blocks(dm)
     n_tblk = triton.cdiv(dm.N, block_t)
     meta = dict(BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_T=block_t,
                 num_warps=8 if block_d * block_t >= 4096 else 4, **dm.meta)
     return (dm.B * n_tblk, triton.cdiv(dm.D, block_d)), (dm.D, dm.HD, dm.N, n_tblk), meta
-
-
-def _no_bn(ph: torch.Tensor) -> tuple:
-    """Placeholders for an operand without a BN prologue: (z, its 3 strides, mean, var, w, b, sums, eps)."""
-    return ph, 0, 0, 0, ph, ph, ph, ph, ph, 0.0
-
-
-def _bn_operand(bn: _BN, z: torch.Tensor, sums: torch.Tensor | None) -> tuple:
-    """A BN prologue's arguments: (z, its 3 strides, mean, var, w, b, sums, eps)."""
-    return z, *_st(z), bn.mean, bn.var, bn.w, bn.b, sums if sums is not None else bn.mean, bn.eps
-
-
-def _gemm_launch(dm: _Dims, w_rk: tuple, R: int, K: int, a: torch.Tensor, pro: int, a_bn: tuple, out: torch.Tensor,
-                 epi: int, e: torch.Tensor | None = None, e_bn: _BN | None = None) -> torch.Tensor | None:
-    """out = W A through _gemm_kernel; w_rk = (W, stride over out rows, stride over K). Returns the partials of
-    EPI 0 (Welford, (3, S, R)) or EPI 1 (sums, (S, 2R))."""
-    w, swr, swk = w_rk
-    block_r = min(_BLOCK_R, _p2(R))
-    block_k = min(_BLOCK_K, _p2(K))
-    S = dm.B * dm.n_tblk
-    part = dm.empty(3, S, R) if epi == 0 else dm.empty(S, 2 * R) if epi == 1 else out
-    e = e if e is not None else out
-    eb = (e_bn.mean, e_bn.var, e_bn.w, e_bn.b, e_bn.eps) if e_bn is not None else (out, out, out, out, 0.0)
-    _gemm_kernel[(S, triton.cdiv(R, block_r))](
-        w, swr, swk, a, *_st(a), *a_bn, dm.count, out, *_st(out), e, *_st(e), *eb, part, R, K, dm.N, dm.n_tblk, S,
-        PRO=pro, EPI=epi, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_T=dm.block_t, num_warps=_GEMM_WARPS, **dm.meta)
-    return part if epi != 2 else None
-
-
-def _wgrad(dm: _Dims, left: torch.Tensor, pro_l: int, l_bn: tuple, right: torch.Tensor, pro_r: int,
-           r_bn: _BN | None, rowsum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """sum over (b, n) of L[b, :, n] Rt[b, :, n]^T (acc dtype) through the operands' prologues, and the sums of L
-    when rowsum."""
-    R, K = left.shape[1], right.shape[1]
-    block_r, block_k = min(_BLOCK_R, _p2(R)), min(_BLOCK_R, _p2(K))
-    grid_rk = triton.cdiv(R, block_r) * triton.cdiv(K, block_k)
-    block_t = min(dm.block_t, 32) if dm.fma else dm.block_t  # tokens are the dot's K: FMA dots spill at 64
-    n_tblk = triton.cdiv(dm.N, block_t)
-    n_tiles = dm.B * n_tblk
-    per_split, S = _split_k(n_tiles, grid_rk, _WGRAD_PROGRAMS if dm.gpu else INTERP_WGRAD_PROGRAMS)
-    part = dm.empty(S, R * K)
-    rs = dm.empty(S, R) if rowsum else part
-    lz, lzb, lzr, lzt, l_mean, l_var, l_w, _, l_sums, l_eps = l_bn
-    rb = (r_bn.mean, r_bn.var, r_bn.w, r_bn.b, r_bn.eps) if r_bn is not None else (part, part, part, part, 0.0)
-    _wgrad_kernel[(triton.cdiv(R, block_r), triton.cdiv(K, block_k), S)](
-        left, *_st(left), lz, lzb, lzr, lzt, l_mean, l_var, l_w, l_sums, l_eps, right, *_st(right), *rb, dm.count,
-        part, rs, R, K, dm.N, n_tblk, n_tiles, per_split, PRO_L=pro_l, PRO_R=pro_r, ROWSUM=rowsum, BLOCK_R=block_r,
-        BLOCK_K=block_k, BLOCK_T=block_t, num_warps=_GEMM_WARPS, **dm.meta)
-    return _sum(part).view(R, K), (_sum(rs) if rowsum else None)
-
-
-def _t(w: torch.Tensor) -> tuple:
-    """(w, row stride, column stride) of w^T: a transposed weight is read through swapped strides."""
-    return w, w.stride(1), w.stride(0)
 
 
 def fwd(x, w1, b1, w2, b2):
@@ -411,9 +174,9 @@ def train_fwd(x, w1, bn1_w, bn1_b, eps1, w2, bn2_w, bn2_b, eps2):
     bn2 = _BN(*_welford(part), bn2_w, bn2_b, eps2, dm.acc)
     y = dm.like(x, dm.D)
     block_c, block_t, n_tblk = dm.ew_blocks(dm.D)
-    _bn_residual_kernel[(dm.B * n_tblk, triton.cdiv(dm.D, block_c))](
-        z2, *_st(z2), x, *_st(x), y, *_st(y), bn2.mean, bn2.var, bn2.w, bn2.b, eps2, dm.D, dm.N, n_tblk,
-        ACC=dm.meta["ACC"], BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
+    _bn_apply_kernel[(dm.B * n_tblk, triton.cdiv(dm.D, block_c))](
+        z2, *_st(z2), x, *_st(x), y, *_st(y), bn2.mean, bn2.var, bn2.w, bn2.b, eps2, dm.D, dm.N, n_tblk, RES=True,
+        RELU=False, ACC=dm.meta["ACC"], BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
     return y, bn1.mean, bn1.var, bn2.mean, bn2.var, z1, z2
 
 
@@ -426,8 +189,8 @@ def train_bwd(gy, x, w1, bn1_w, bn1_b, eps1, w2, bn2_w, bn2_b, eps2, mean1, var1
     block_c, block_t, n_tblk = dm.ew_blocks(dm.D)
     part = dm.empty(dm.B * n_tblk, 2 * dm.D)
     _bn_sums_kernel[(dm.B * n_tblk, triton.cdiv(dm.D, block_c))](
-        gy, *_st(gy), z2, *_st(z2), bn2.mean, bn2.var, eps2, part, dm.D, dm.N, n_tblk, ACC=dm.meta["ACC"],
-        BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
+        gy, *_st(gy), z2, *_st(z2), bn2.mean, bn2.var, bn2.w, bn2.b, eps2, part, dm.D, dm.N, n_tblk, RELU=False,
+        ACC=dm.meta["ACC"], BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
     sums2 = _sum(part)
     # g1: the grad of bn1's output (W2^T bn2_bwd(grad_y), masked by the ReLU), and its sums for bn1's backward
     g1 = torch.empty_like(z1)

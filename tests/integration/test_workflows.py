@@ -415,12 +415,12 @@ def _union(keys: dict, sizes, of=lambda k: k) -> dict:
 def test_triton_kernels_are_plain_jit():
     """The compile key above is the whole story: no kernel is wrapped in @triton.autotune or @triton.heuristics
     (whose configs / keys would add variants)."""
-    from shvit_kernels.triton import _common, ffn, shsa
+    from shvit_kernels.triton import _common, _token_gemm, ffn, pw_conv_bn, shsa
     from shvit_kernels.triton import dwconv_bn as tdw
     from shvit_kernels.triton import sra as tsra
 
-    kernels = {f"{mod.__name__}.{n}": o for mod in (tdw, shsa, ffn, _common, tsra) for n, o in vars(mod).items()
-               if n.endswith("_kernel")}
+    kernels = {f"{mod.__name__}.{n}": o for mod in (tdw, shsa, ffn, _common, tsra, _token_gemm, pw_conv_bn)
+               for n, o in vars(mod).items() if n.endswith("_kernel")}
     assert len(kernels) >= 28
     for name, obj in kernels.items():
         assert type(obj).__name__ in ("JITFunction", "InterpretedFunction"), f"{name} is a {type(obj).__name__}"

@@ -99,6 +99,21 @@ def _ffn(train: bool, channels_last: bool):
     return case
 
 
+def _pw_conv_bn(train: bool, channels_last: bool):
+    def case(device, dtype, size):
+        b, k, h, w, o = (2, 6, 3, 5, 9) if size == "small" else (8, 24, 7, 7, 40)
+        kw = dict(device=device, dtype=dtype)
+        x = _leaf(b, k, h, w, **kw, fmt=torch.channels_last if channels_last else torch.contiguous_format)
+        wt, gate = _leaf(o, k, **kw, scale=k ** -0.5), _leaf(b, k, **kw, scale=0.2, offset=0.5)
+        g, c = _leaf(o, **kw, scale=0.2, offset=1.0), _leaf(o, **kw, scale=0.2)
+        if train:
+            leaves = [x, wt, g, c, gate]
+            return (lambda: ops.pw_conv_bn_train(x, wt, g, c, 1e-5, gate, True)), leaves
+        leaves = [x, wt, c, gate]
+        return (lambda: (ops.pw_conv_bn(x, wt, c, gate, True),)), leaves
+    return case
+
+
 def _flat(y, stats):
     return (y, *stats)
 
@@ -135,6 +150,8 @@ CASES = {
     "shsa-train": ("shsa", _shsa(True), True),
     "ffn-eval": ("ffn", _ffn(False, False), True),
     "ffn-train-channels_last": ("ffn", _ffn(True, True), True),
+    "pw_conv_bn-eval": ("pw_conv_bn", _pw_conv_bn(False, False), True),
+    "pw_conv_bn-train-channels_last": ("pw_conv_bn", _pw_conv_bn(True, True), True),
     "sra_reduce": ("sra", _sra_reduce(False), False),
     "sra_reduce-linear": ("sra", _sra_reduce(True), False),
     "sra_attention": ("sra", _sra_attention, False),

@@ -106,6 +106,7 @@ try:
 
     from shvit_kernels.triton import dwconv_bn as tdw
     from shvit_kernels.triton import ffn as tffn
+    from shvit_kernels.triton import pw_conv_bn as tpw
     from shvit_kernels.triton import shsa as tsh
     from shvit_kernels.triton import sra as tsra
 except ImportError:
@@ -218,8 +219,27 @@ def test_triton_ffn_grids(launches, shape, fmt):
     assert y.shape == x.shape and y.is_contiguous(memory_format=fmt) and z1.shape == (b, hid, h, w)
     grads = tffn.train_bwd(x, x, w1, hv, hv, 1e-5, w2, dv, dv, 1e-5, m1, v1, m2, v2, z1, z2)
     assert grads[0].shape == x.shape and grads[1].shape == w1.shape
-    _assert_grids_fit(launches, ["_fused_fwd_kernel", "_fused_bwd_kernel", "_gemm_kernel", "_bn_residual_kernel",
+    _assert_grids_fit(launches, ["_fused_fwd_kernel", "_fused_bwd_kernel", "_gemm_kernel", "_bn_apply_kernel",
                                  "_bn_sums_kernel", "_wgrad_kernel", "_welford_kernel", "_sum_kernel"])
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(64, 256, 512, 512, 512), (2**17, 32, 33, 33, 64), (2, 3, 40000, 40000, 7)],
+                         ids=["large", "batch>65535", "huge-plane"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_triton_pw_conv_bn_grids(launches, shape, fmt):
+    b, k, h, w, o = shape
+    x = torch.empty(b, k, h, w, device=META).contiguous(memory_format=fmt)
+    assert x.numel() >= 2 * BIG
+    wt, ov, gate = torch.empty(o, k, device=META), torch.empty(o, device=META), torch.empty(b, k, device=META)
+    y = tpw.fwd(x, wt, ov, gate, True)
+    assert y.shape == (b, o, h, w) and y.is_contiguous(memory_format=fmt)
+    assert [g.shape for g in tpw.bwd(y, x, wt, ov, gate, True, y)] == [x.shape, wt.shape, ov.shape, gate.shape]
+    y, mean, var, z = tpw.train_fwd(x, wt, ov, ov, 1e-5, gate, True)
+    grads = tpw.train_bwd(y, x, wt, ov, ov, 1e-5, gate, True, mean, var, z)
+    assert [g.shape for g in grads] == [x.shape, wt.shape, ov.shape, ov.shape, gate.shape]
+    _assert_grids_fit(launches, ["_gemm_kernel", "_bn_apply_kernel", "_bn_sums_kernel", "_wgrad_kernel",
+                                 "_welford_kernel", "_sum_kernel"])
 
 
 # ---- Triton index helpers with overflowing operands --------------------------------------------------------------

@@ -13,6 +13,7 @@ DEVICE = triton_device()
 import shvit_kernels
 from shvit_kernels.reference import ffn as ref
 from shvit_kernels.triton import _common
+from shvit_kernels.triton import _token_gemm as TG
 from shvit_kernels.triton import ffn as T
 from tests.triton.test_shsa_triton import _LargestAllocation
 
@@ -126,9 +127,11 @@ def small_tiles(monkeypatch):
     (hidden recomputed per block), hidden blocks, K chunks, token tiles and split-K partials."""
     for mod in (T, _common):
         monkeypatch.setattr(mod, "_BLOCK_T", 16)
-    for name in ("_BLOCK_R", "_BLOCK_K", "FUSED_ROWS", "FUSED_HIDDEN", "FUSED_K"):
+    for name in ("FUSED_ROWS", "FUSED_HIDDEN", "FUSED_K"):
         monkeypatch.setattr(T, name, 16)
-    monkeypatch.setattr(T, "INTERP_WGRAD_PROGRAMS", 12)
+    for name in ("_BLOCK_R", "_BLOCK_K"):  # the training GEMMs' tiles
+        monkeypatch.setattr(TG, name, 16)
+    monkeypatch.setattr(TG, "INTERP_WGRAD_PROGRAMS", 12)
 
 
 @LAYOUTS
@@ -138,7 +141,7 @@ def test_multiblock(small_tiles, train, channels_last):
     dm = T._Dims(torch.empty(b, d, hh, ww, device=DEVICE), h)
     assert T._fused_blocks(dm) == (16, 16, 16, 16) and dm.n_tblk == 2  # 2 row blocks, 3 hidden blocks, 2 K chunks
     grid_rk = 3 * 2  # weight grads (h x d) in 16 x 16 blocks: 4 token tiles in 2 splits of 2
-    assert _common._split_k(b * dm.n_tblk, grid_rk, T.INTERP_WGRAD_PROGRAMS) == (2, 2)
+    assert _common._split_k(b * dm.n_tblk, grid_rk, TG.INTERP_WGRAD_PROGRAMS) == (2, 2)
     ours, refs = _inputs(b, d, h, hh, ww, torch.float64, torch.float64, train, channels_last)
     (_run_train if train else _run_eval)(ours, refs, torch.float64)
 

@@ -1,0 +1,249 @@
+// 1x1 Conv2d_BN (+ReLU) on the CPU, float32 / float64, with an optional per-sample gate on the input channels:
+// PatchMerging's pointwise convs, conv3's gate being the SqueezeExcite of the activation it reads. Spec, argument
+// lists and outputs: shvit_kernels/reference/pw_conv_bn.py (fwd, bwd, train_fwd, train_bwd); the GEMM and BN
+// machinery (token-major layout, blocks, determinism) is token_gemm.h's, shared with the FFN.
+//
+// The gate is applied in the GEMM's prologue: each block of tokens (never straddling two samples) is scaled by its
+// sample's gate into a per-task buffer that stays in cache and is multiplied there, so the gated activation
+// (what stock's `x * gate` writes and its conv reads again) never exists as a tensor in the forward. Ungated
+// GEMMs are whole-tensor oneDNN calls (token_gemm.h's linear).
+//   eval forward: y = act(W (gate * x) + b)                   1 GEMM, bias and ReLU in its epilogue
+//   training forward: z = W (gate * x); batch moments; y = act(bn(z))     z is kept for the backward
+//   backward: a = grad_y through the ReLU (mask from y in eval, from bn(z) in training) with its sums (bias or
+//     BN gradient), gz = bn'(a); gv = W^T gz; one pass gives grad_x = gate * gv, the gate's gradient
+//     sum_tokens gv * x per block (combined in block order) and, for the weight gradient, gate * x.
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "token_gemm.h"
+
+namespace shvit::cpu {
+namespace {
+
+// a (tokens x k) @ w^T (+ bias, ReLU) with a's rows scaled by their sample's gate (gate: B x k) in the prologue.
+template <typename T>
+at::Tensor gated_linear(const Blocks& g, const at::Tensor& a, const at::Tensor& gate, const at::Tensor& w,
+                        const at::Tensor& bias, Epilogue e) {
+  if (!gate.defined()) return linear<T>(g, a, w, bias, e);
+  const int64_t n = w.size(0), k = w.size(1);
+  at::Tensor out = at::empty({g.T, n}, a.options());
+  const T *pa = ptr<T>(a), *pg = ptr<T>(gate);
+  T* po = out.mutable_data_ptr<T>();
+  g.each([&](int64_t t, int64_t r0, int64_t m) {
+    const Scratch<T> buf({m * k});
+    const T* gs = pg + g.sample(t) * k;
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t c = 0; c < k; ++c) buf[0][i * k + c] = pa[(r0 + i) * k + c] * gs[c];
+    block_linear<T>(buf[0], m, w, bias, e, nullptr, po + r0 * n);
+  });
+  return out;
+}
+
+// From gz (tokens x O, the gradient of the conv's output): grad_x, and the weight and gate gradients (written).
+template <typename T>
+at::Tensor input_grads(const Blocks& g, const at::Tensor& gz, const at::Tensor& x, const at::Tensor& gate,
+                       const at::Tensor& w, T* gw, T* ggate) {
+  const int64_t O = w.size(0), K = w.size(1);
+  at::Tensor gx = linear<T>(g, gz, w.t().contiguous(), {}, Epilogue::kNone);  // gv, gated in place below
+  if (!gate.defined()) {
+    weight_grad<T>(g.T, O, K, ptr<T>(gz), ptr<T>(x), gw);
+    return gx;
+  }
+  const at::Tensor xg = at::empty_like(x);
+  const T *px = ptr<T>(x), *pg = ptr<T>(gate);
+  T *pv = gx.mutable_data_ptr<T>(), *pxg = xg.mutable_data_ptr<T>();
+  std::vector<double> part(g.n * K, 0.0);
+  g.each([&](int64_t t, int64_t r0, int64_t m) {
+    const T* gs = pg + g.sample(t) * K;
+    double* acc = &part[t * K];
+    for (int64_t i = r0; i < r0 + m; ++i)
+      for (int64_t c = 0; c < K; ++c) {
+        const int64_t j = i * K + c;
+        acc[c] += pv[j] * px[j];
+        pxg[j] = px[j] * gs[c];
+        pv[j] *= gs[c];
+      }
+  });
+  for (int64_t s = 0; s < g.T / g.N; ++s)  // each sample's blocks, in order
+    for (int64_t c = 0; c < K; ++c) {
+      double v = 0;
+      for (int64_t t = s * g.per; t < (s + 1) * g.per; ++t) v += part[t * K + c];
+      ggate[s * K + c] = T(v);
+    }
+  weight_grad<T>(g.T, O, K, ptr<T>(gz), pxg, gw);
+  return gx;
+}
+
+// a = grad_y through the ReLU, if any: its mask is post > 0 (eval: post is the ReLU's output) or bn(z) > 0
+// (training); with per-block sums of a and, given bn, of a * (z - mean). Returns a (grad_y itself without ReLU).
+template <typename T>
+at::Tensor masked_grad(const Blocks& g, int64_t O, const at::Tensor& gy, bool relu, const T* post, const T* z,
+                       const Affine<T>* bn, std::vector<double>& s1, std::vector<double>& s2) {
+  at::Tensor a = relu ? at::empty_like(gy) : gy;
+  const T* pgy = ptr<T>(gy);
+  s1.assign(g.n * O, 0.0);
+  s2.assign(g.n * O, 0.0);
+  g.each([&](int64_t t, int64_t r0, int64_t m) {
+    const int64_t off = r0 * O, len = m * O;
+    if (relu) {
+      T* pa = a.mutable_data_ptr<T>() + off;
+      std::vector<T> h;
+      if (!post) {
+        h.resize(len);
+        bn_act(*bn, z + off, O, m, h.data());
+      }
+      const T* mask = post ? post + off : h.data();
+      for (int64_t j = 0; j < len; ++j) pa[j] = mask[j] > T(0) ? pgy[off + j] : T(0);
+    }
+    grad_sums<T>(ptr<T>(a) + off, bn ? z + off : nullptr, bn ? bn->mean.data() : nullptr, O, m, &s1[t * O],
+                 &s2[t * O]);
+  });
+  return a;
+}
+
+// ---- entry points ------------------------------------------------------------------------------------------
+
+struct Problem : TokenProblem {
+  int64_t O;
+  at::Tensor w, gate;  // gate: (B, C) contiguous, or undefined
+
+  Problem(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& gate_in, bool train)
+      : TokenProblem("pw_conv_bn", x_in, train) {
+    check_float(op, w_in, "w", &x_in);
+    TORCH_CHECK(w_in.dim() == 2, "shvit pw_conv_bn: w must have shape (O, ", C, "), got ", w_in.sizes());
+    O = w_in.size(0);
+    w = matrix(w_in, "w", O, C);
+    if (gate_in.has_value()) {
+      check_float(op, *gate_in, "gate", &x_in);
+      TORCH_CHECK(gate_in->dim() == 2 && gate_in->size(0) == B && gate_in->size(1) == C, "shvit pw_conv_bn: gate ",
+                  "must have shape (", B, ", ", C, "), got ", gate_in->sizes());
+      gate = gate_in->contiguous();
+    }
+  }
+
+  Blocks blocks() const { return Blocks(B * H * W, std::max(O, C), gate.defined() ? H * W : 0); }
+
+  at::Tensor gate_grad() const { return gate.defined() ? at::empty({B, C}, x.options()) : at::empty({0}, x.options()); }
+
+  template <typename T>
+  T* gate_out(const at::Tensor& ggate) const {
+    return gate.defined() ? ggate.mutable_data_ptr<T>() : nullptr;
+  }
+};
+
+at::Tensor pw_conv_bn_fwd_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& b_in,
+                              const std::optional<at::Tensor>& gate_in, bool relu) {
+  const Problem p(x_in, w_in, gate_in, false);
+  const at::Tensor b = p.vec(b_in, "b", p.O);
+  if (p.B == 0) return p.empty_result(p.O);
+  at::Tensor y;
+  p.run([&](auto t) {
+    y = gated_linear<decltype(t)>(p.blocks(), p.x, p.gate, p.w, b, relu ? Epilogue::kRelu : Epilogue::kNone);
+  });
+  return p.result(y);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_conv_bn_bwd_cpu(
+    const at::Tensor& gy_in, const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& b_in,
+    const std::optional<at::Tensor>& gate_in, bool relu, const std::optional<at::Tensor>& y_in) {
+  const Problem p(x_in, w_in, gate_in, false);
+  p.vec(b_in, "b", p.O);
+  TORCH_CHECK(!relu || y_in.has_value(), "shvit pw_conv_bn: the backward of relu=True needs y");
+  const at::Tensor gy = p.act(gy_in, "gy", p.O), y = relu ? p.act(*y_in, "y", p.O) : at::Tensor();
+  const auto opt = p.x.options();
+  at::Tensor gw = at::zeros({p.O, p.C}, opt), gb = at::zeros({p.O}, opt), ggate = p.gate_grad();
+  if (p.B == 0) return {p.empty_result(p.C), gw, gb.to(b_in.scalar_type()), ggate};
+  at::Tensor gx;
+  p.run([&](auto t) {
+    using T = decltype(t);
+    const Blocks g = p.blocks();
+    std::vector<double> s1, s2;
+    const at::Tensor a = masked_grad<T>(g, p.O, gy, relu, relu ? ptr<T>(y) : nullptr, nullptr, nullptr, s1, s2);
+    const std::vector<double> sb = block_sums<T>(s1, g.n, p.O);
+    std::copy(sb.begin(), sb.end(), out<T>(gb));
+    gx = input_grads<T>(g, a, p.x, p.gate, p.w, out<T>(gw), p.gate_out<T>(ggate));
+  });
+  return {p.result(gx), gw, gb.to(b_in.scalar_type()), ggate};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_conv_bn_train_fwd_cpu(
+    const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& bn_w_in, const at::Tensor& bn_b_in, double eps,
+    const std::optional<at::Tensor>& gate_in, bool relu) {
+  const Problem p(x_in, w_in, gate_in, true);
+  const at::Tensor bn_w = p.vec(bn_w_in, "bn_w", p.O), bn_b = p.vec(bn_b_in, "bn_b", p.O);
+  TORCH_CHECK(eps >= 0, "shvit pw_conv_bn: eps must be non-negative, got ", eps);
+  const auto opt = p.x.options();
+  at::Tensor mean = at::empty({p.O}, opt), var = at::empty({p.O}, opt), y, z;
+  p.run([&](auto t) {
+    using T = decltype(t);
+    const Blocks g = p.blocks();
+    z = gated_linear<T>(g, p.x, p.gate, p.w, {}, Epilogue::kNone);
+    batch_moments(g, ptr<T>(z), p.O, out<T>(mean), out<T>(var));
+    const auto bn = Affine<T>::batch_norm(ptr<T>(mean), ptr<T>(var), ptr<T>(bn_w), ptr<T>(bn_b), eps, p.O);
+    y = at::empty_like(z);
+    const T* pz = ptr<T>(z);
+    T* py = out<T>(y);
+    g.each([&](int64_t, int64_t r0, int64_t m) { bn_act(bn, pz + r0 * p.O, p.O, m, py + r0 * p.O, relu); });
+  });
+  return {p.result(y), mean, var, p.channels_last(z)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_conv_bn_train_bwd_cpu(
+    const at::Tensor& gy_in, const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& bn_w_in,
+    const at::Tensor& bn_b_in, double eps, const std::optional<at::Tensor>& gate_in, bool relu,
+    const at::Tensor& mean_in, const at::Tensor& var_in, const at::Tensor& z_in) {
+  const Problem p(x_in, w_in, gate_in, true);
+  const at::Tensor bn_w = p.vec(bn_w_in, "bn_w", p.O), bn_b = p.vec(bn_b_in, "bn_b", p.O);
+  const at::Tensor mean = p.vec(mean_in, "mean", p.O), var = p.vec(var_in, "var", p.O);
+  const at::Tensor gy = p.act(gy_in, "gy", p.O), z = p.act(z_in, "z", p.O);
+  TORCH_CHECK(eps >= 0, "shvit pw_conv_bn: eps must be non-negative, got ", eps);
+  const auto opt = p.x.options();
+  at::Tensor gw = at::empty({p.O, p.C}, opt), gbw = at::empty({p.O}, opt), gbb = at::empty({p.O}, opt);
+  at::Tensor ggate = p.gate_grad(), gx;
+  p.run([&](auto t) {
+    using T = decltype(t);
+    const Blocks g = p.blocks();
+    const auto bn = Affine<T>::batch_norm(ptr<T>(mean), ptr<T>(var), ptr<T>(bn_w), ptr<T>(bn_b), eps, p.O);
+    const T* pz = ptr<T>(z);
+    std::vector<double> s1, s2;
+    const at::Tensor a = masked_grad<T>(g, p.O, gy, relu, nullptr, pz, &bn, s1, s2);
+    const std::vector<double> sb = block_sums<T>(s1, g.n, p.O), sw = block_sums<T>(s2, g.n, p.O, &bn.invstd);
+    const NormGrad<T> ng(bn, sb, sw, static_cast<double>(g.T));
+    const at::Tensor gz = at::empty_like(a);
+    const T* pa = ptr<T>(a);
+    T* pgz = out<T>(gz);
+    g.each([&](int64_t, int64_t r0, int64_t m) {
+      ng.apply(bn, pz + r0 * p.O, pa + r0 * p.O, p.O, m, pgz + r0 * p.O);
+    });
+    for (int64_t c = 0; c < p.O; ++c) out<T>(gbb)[c] = T(sb[c]), out<T>(gbw)[c] = T(sw[c]);
+    gx = input_grads<T>(g, gz, p.x, p.gate, p.w, out<T>(gw), p.gate_out<T>(ggate));
+  });
+  return {p.result(gx), gw, gbw.to(bn_w_in.scalar_type()), gbb.to(bn_b_in.scalar_type()), ggate};
+}
+
+}  // namespace
+}  // namespace shvit::cpu
+
+TORCH_LIBRARY_FRAGMENT(shvit, m) {
+  m.def("pw_conv_bn_fwd_cpu(Tensor x, Tensor w, Tensor b, Tensor? gate, bool relu) -> Tensor");
+  m.def(
+      "pw_conv_bn_bwd_cpu(Tensor gy, Tensor x, Tensor w, Tensor b, Tensor? gate, bool relu, Tensor? y) -> "
+      "(Tensor gx, Tensor gw, Tensor gb, Tensor ggate)");
+  m.def(
+      "pw_conv_bn_train_fwd_cpu(Tensor x, Tensor w, Tensor bn_w, Tensor bn_b, float eps, Tensor? gate, bool relu) "
+      "-> (Tensor y, Tensor mean, Tensor var, Tensor z)");
+  m.def(
+      "pw_conv_bn_train_bwd_cpu(Tensor gy, Tensor x, Tensor w, Tensor bn_w, Tensor bn_b, float eps, Tensor? gate, "
+      "bool relu, Tensor mean, Tensor var, Tensor z) -> (Tensor gx, Tensor gw, Tensor g_bn_w, Tensor g_bn_b, "
+      "Tensor ggate)");
+}
+
+TORCH_LIBRARY_IMPL(shvit, CPU, m) {
+  m.impl("pw_conv_bn_fwd_cpu", &shvit::cpu::pw_conv_bn_fwd_cpu);
+  m.impl("pw_conv_bn_bwd_cpu", &shvit::cpu::pw_conv_bn_bwd_cpu);
+  m.impl("pw_conv_bn_train_fwd_cpu", &shvit::cpu::pw_conv_bn_train_fwd_cpu);
+  m.impl("pw_conv_bn_train_bwd_cpu", &shvit::cpu::pw_conv_bn_train_bwd_cpu);
+}
