@@ -167,10 +167,10 @@ def _bind(m: nn.Module, mode: str, x: torch.Tensor, args: tuple) -> Callable[[],
     if mode == "train fwd":
         return lambda: m(x, *args)
     wrt = [x, *(p for p in m.parameters() if p.requires_grad)]
-    gy = torch.randn_like(x)  # every case maps its input shape to itself
+    y = m(x, *args)  # "train bwd": one forward per input set, its graph kept for the repeated backward passes
+    gy = torch.randn_like(y)  # (PatchMerging's output is not its input's shape)
     if mode == "train fwd+bwd":
         return lambda: torch.autograd.grad(m(x, *args), wrt, gy, allow_unused=True)
-    y = m(x, *args)  # "train bwd": one forward per input set, its graph kept for the repeated backward passes
     return lambda: torch.autograd.grad(y, wrt, gy, retain_graph=True, allow_unused=True)
 
 

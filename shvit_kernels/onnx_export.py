@@ -77,12 +77,22 @@ def _register_schemas() -> None:
                  "SHViT single-head attention, BNs folded (shvit_kernels.ops.shsa)"),
         "ffn": (["x", "pw1_weight", "pw1_bias", "pw2_weight", "pw2_bias"], [],
                 "x + pw2_weight relu(pw1_weight x + pw1_bias) + pw2_bias over tokens; BNs folded (ops.ffn)"),
+        "pw_conv_bn": (["x", "weight", "bias", "gate?"], [("relu", a.INT)],
+                       "[relu](weight (gate * x) + bias) over tokens, gate (B, C) optional; BN folded "
+                       "(ops.pw_conv_bn: PatchMerging's conv3 with its SqueezeExcite gate)"),
     }
+    optional = OpSchema.FormalParameterOption.Optional
+
+    def param(n: str) -> OpSchema.FormalParameter:
+        if n.endswith("?"):
+            return OpSchema.FormalParameter(n[:-1], "T", param_option=optional)
+        return OpSchema.FormalParameter(n, "T")
+
     for name, (inputs, attrs, doc) in nodes.items():
         if onnx.defs.has(name, DOMAIN):
             continue
         onnx.defs.register_schema(OpSchema(
-            name, DOMAIN, 1, doc=doc, inputs=[OpSchema.FormalParameter(n, "T") for n in inputs],
+            name, DOMAIN, 1, doc=doc, inputs=[param(n) for n in inputs],
             outputs=[OpSchema.FormalParameter("y", "T")],
             type_constraints=[("T", ["tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"],
                                "float tensors")],
@@ -106,8 +116,13 @@ def _translation_table() -> dict:
     def ffn(x, w1, b1, w2, b2):
         return shvit.ffn(x, w1, b1, w2, b2)
 
+    def pw_conv_bn(x, weight, bias, gate, relu: bool):
+        if gate is None:
+            return shvit.pw_conv_bn(x, weight, bias, relu=int(relu))
+        return shvit.pw_conv_bn(x, weight, bias, gate, relu=int(relu))
+
     return {torch.ops.shvit.dwconv_bn.default: dwconv_bn, torch.ops.shvit.shsa.default: shsa,
-            torch.ops.shvit.ffn.default: ffn}
+            torch.ops.shvit.ffn.default: ffn, torch.ops.shvit.pw_conv_bn.default: pw_conv_bn}
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor | tuple, path: str | os.PathLike, *,
@@ -115,8 +130,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor | tuple, path: str | os.
     """Export an eval-mode model (best: `convert(model, inference=True)`) to an ONNX file at `path`.
 
     custom_ops=False (default): standard ONNX operators only (runs in onnxruntime). custom_ops=True: the fused
-    eval ops become `shvit.dwconv_bn` / `shvit.shsa` / `shvit.ffn` nodes (domain "shvit", version 1; SRA is always
-    decomposed). dynamic_batch makes dim 0 of every input symbolic. Other keyword arguments go to
+    eval ops become `shvit.dwconv_bn` / `shvit.shsa` / `shvit.ffn` / `shvit.pw_conv_bn` nodes (domain "shvit",
+    version 1; SRA is always decomposed). dynamic_batch makes dim 0 of every input symbolic. Other keyword arguments go to
     `torch.onnx.export` (dynamo exporter); weights are stored inside the file unless `external_data=True`.
     Needs the `onnx` and `onnxscript` packages. Returns torch's ONNXProgram.
     """

@@ -3,16 +3,18 @@
 // lists and outputs: shvit_kernels/reference/pw_conv_bn.py (fwd, bwd, train_fwd, train_bwd); the GEMM and BN
 // machinery (token-major layout, blocks, determinism) is token_gemm.h's, shared with the FFN.
 //
-// The gate is applied in the GEMM's prologue: each block of tokens (never straddling two samples) is scaled by its
-// sample's gate into a per-task buffer that stays in cache and is multiplied there, so the gated activation
-// (what stock's `x * gate` writes and its conv reads again) never exists as a tensor in the forward. Ungated
-// GEMMs are whole-tensor oneDNN calls (token_gemm.h's linear).
+// The GEMMs are whole-tensor oneDNN calls (token_gemm.h's linear): measured faster here than MKL on blocks of
+// gated tokens kept in cache (e.g. 4.9 vs 4.1 ms for 16x896x8x8 -> 336, channels_last, against a separate mul
+// and oneDNN conv; ad-hoc timing), so on the CPU the gate is applied in the one pass that writes the GEMM's
+// token-major input: for an NCHW x that is the transpose the GEMM needs anyway (the gate is free), for a
+// channels_last x it is the pass stock's `x * gate` makes. (The Triton kernels apply it in the operand loads.)
 //   eval forward: y = act(W (gate * x) + b)                   1 GEMM, bias and ReLU in its epilogue
 //   training forward: z = W (gate * x); batch moments; y = act(bn(z))     z is kept for the backward
 //   backward: a = grad_y through the ReLU (mask from y in eval, from bn(z) in training) with its sums (bias or
 //     BN gradient), gz = bn'(a); gv = W^T gz; one pass gives grad_x = gate * gv, the gate's gradient
 //     sum_tokens gv * x per block (combined in block order) and, for the weight gradient, gate * x.
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -23,23 +25,12 @@
 namespace shvit::cpu {
 namespace {
 
-// a (tokens x k) @ w^T (+ bias, ReLU) with a's rows scaled by their sample's gate (gate: B x k) in the prologue.
-template <typename T>
-at::Tensor gated_linear(const Blocks& g, const at::Tensor& a, const at::Tensor& gate, const at::Tensor& w,
-                        const at::Tensor& bias, Epilogue e) {
-  if (!gate.defined()) return linear<T>(g, a, w, bias, e);
-  const int64_t n = w.size(0), k = w.size(1);
-  at::Tensor out = at::empty({g.T, n}, a.options());
-  const T *pa = ptr<T>(a), *pg = ptr<T>(gate);
-  T* po = out.mutable_data_ptr<T>();
-  g.each([&](int64_t t, int64_t r0, int64_t m) {
-    const Scratch<T> buf({m * k});
-    const T* gs = pg + g.sample(t) * k;
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t c = 0; c < k; ++c) buf[0][i * k + c] = pa[(r0 + i) * k + c] * gs[c];
-    block_linear<T>(buf[0], m, w, bias, e, nullptr, po + r0 * n);
-  });
-  return out;
+// x * gate (per sample and channel) as a token-major (B*H*W, C) matrix, in one pass from x in either layout. For
+// an NCHW x that pass is the transpose into token-major order that the GEMM needs anyway, so the gate costs nothing.
+at::Tensor gated_tokens(const at::Tensor& x, const at::Tensor& gate) {
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::mul_out(out, x, gate.view({x.size(0), x.size(1), 1, 1}));
+  return TokenProblem::tokens(out);  // a view
 }
 
 // From gz (tokens x O, the gradient of the conv's output): grad_x, and the weight and gate gradients (written).
@@ -57,14 +48,16 @@ at::Tensor input_grads(const Blocks& g, const at::Tensor& gz, const at::Tensor& 
   T *pv = gx.mutable_data_ptr<T>(), *pxg = xg.mutable_data_ptr<T>();
   std::vector<double> part(g.n * K, 0.0);
   g.each([&](int64_t t, int64_t r0, int64_t m) {
-    const T* gs = pg + g.sample(t) * K;
-    double* acc = &part[t * K];
-    for (int64_t i = r0; i < r0 + m; ++i)
+    const T* __restrict gs = pg + g.sample(t) * K;
+    double* __restrict acc = &part[t * K];
+    const T* __restrict xb = px + r0 * K;
+    T *__restrict vb = pv + r0 * K, *__restrict xgb = pxg + r0 * K;
+    for (int64_t i = 0; i < m; ++i)
       for (int64_t c = 0; c < K; ++c) {
         const int64_t j = i * K + c;
-        acc[c] += pv[j] * px[j];
-        pxg[j] = px[j] * gs[c];
-        pv[j] *= gs[c];
+        acc[c] += vb[j] * xb[j];
+        xgb[j] = xb[j] * gs[c];
+        vb[j] *= gs[c];
       }
   });
   for (int64_t s = 0; s < g.T / g.N; ++s)  // each sample's blocks, in order
@@ -77,6 +70,25 @@ at::Tensor input_grads(const Blocks& g, const at::Tensor& gz, const at::Tensor& 
   return gx;
 }
 
+// One block of masked_grad: a = gy through the ReLU (kMask 0: none, 1: post > 0, 2: bn(z) > 0), s1 += a and, with
+// z, s2 += a * (z - mean). One pass; the per-channel vectors through restrict pointers (vectorised).
+template <typename T, int kMask>
+void masked_block(const T* gy, const T* post, const T* z, const Affine<T>* bn, int64_t O, int64_t m, T* a,
+                  double* __restrict s1, double* __restrict s2) {
+  const T *__restrict mean = bn ? bn->mean.data() : nullptr, *__restrict is = bn ? bn->invstd.data() : nullptr;
+  const T *__restrict w = bn ? bn->w.data() : nullptr, *__restrict b = bn ? bn->b.data() : nullptr;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t c = 0; c < O; ++c) {
+      const int64_t j = i * O + c;
+      T v = gy[j];
+      if constexpr (kMask == 1) v = post[j] > T(0) ? v : T(0);
+      if constexpr (kMask == 2) v = (z[j] - mean[c]) * is[c] * w[c] + b[c] > T(0) ? v : T(0);
+      if constexpr (kMask != 0) a[j] = v;
+      s1[c] += v;
+      if (z) s2[c] += v * (z[j] - mean[c]);
+    }
+}
+
 // a = grad_y through the ReLU, if any: its mask is post > 0 (eval: post is the ReLU's output) or bn(z) > 0
 // (training); with per-block sums of a and, given bn, of a * (z - mean). Returns a (grad_y itself without ReLU).
 template <typename T>
@@ -84,22 +96,20 @@ at::Tensor masked_grad(const Blocks& g, int64_t O, const at::Tensor& gy, bool re
                        const Affine<T>* bn, std::vector<double>& s1, std::vector<double>& s2) {
   at::Tensor a = relu ? at::empty_like(gy) : gy;
   const T* pgy = ptr<T>(gy);
+  T* pa = relu ? a.mutable_data_ptr<T>() : nullptr;
   s1.assign(g.n * O, 0.0);
   s2.assign(g.n * O, 0.0);
   g.each([&](int64_t t, int64_t r0, int64_t m) {
-    const int64_t off = r0 * O, len = m * O;
-    if (relu) {
-      T* pa = a.mutable_data_ptr<T>() + off;
-      std::vector<T> h;
-      if (!post) {
-        h.resize(len);
-        bn_act(*bn, z + off, O, m, h.data());
-      }
-      const T* mask = post ? post + off : h.data();
-      for (int64_t j = 0; j < len; ++j) pa[j] = mask[j] > T(0) ? pgy[off + j] : T(0);
-    }
-    grad_sums<T>(ptr<T>(a) + off, bn ? z + off : nullptr, bn ? bn->mean.data() : nullptr, O, m, &s1[t * O],
-                 &s2[t * O]);
+    const int64_t off = r0 * O;
+    const T *gb = pgy + off, *pb = post ? post + off : nullptr, *zb = bn ? z + off : nullptr;
+    T* ab = pa ? pa + off : nullptr;
+    double *u1 = &s1[t * O], *u2 = &s2[t * O];
+    if (!relu)
+      masked_block<T, 0>(gb, pb, zb, bn, O, m, ab, u1, u2);
+    else if (post)
+      masked_block<T, 1>(gb, pb, zb, bn, O, m, ab, u1, u2);
+    else
+      masked_block<T, 2>(gb, pb, zb, bn, O, m, ab, u1, u2);
   });
   return a;
 }
@@ -110,8 +120,10 @@ struct Problem : TokenProblem {
   int64_t O;
   at::Tensor w, gate;  // gate: (B, C) contiguous, or undefined
 
-  Problem(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& gate_in, bool train)
-      : TokenProblem("pw_conv_bn", x_in, train) {
+  // tokenize: x as a token-major matrix too (the backward's; a gated forward reads x * gate instead).
+  Problem(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& gate_in, bool train,
+          bool tokenize = true)
+      : TokenProblem("pw_conv_bn", x_in, train, tokenize) {
     check_float(op, w_in, "w", &x_in);
     TORCH_CHECK(w_in.dim() == 2, "shvit pw_conv_bn: w must have shape (O, ", C, "), got ", w_in.sizes());
     O = w_in.size(0);
@@ -126,7 +138,12 @@ struct Problem : TokenProblem {
 
   Blocks blocks() const { return Blocks(B * H * W, std::max(O, C), gate.defined() ? H * W : 0); }
 
-  at::Tensor gate_grad() const { return gate.defined() ? at::empty({B, C}, x.options()) : at::empty({0}, x.options()); }
+  at::Tensor gate_grad() const {
+    return gate.defined() ? at::empty({B, C}, input.options()) : at::empty({0}, input.options());
+  }
+
+  // The GEMM's input: x, or x * gate, token-major.
+  at::Tensor operand() const { return gate.defined() ? gated_tokens(input, gate) : x; }
 
   template <typename T>
   T* gate_out(const at::Tensor& ggate) const {
@@ -136,12 +153,12 @@ struct Problem : TokenProblem {
 
 at::Tensor pw_conv_bn_fwd_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& b_in,
                               const std::optional<at::Tensor>& gate_in, bool relu) {
-  const Problem p(x_in, w_in, gate_in, false);
+  const Problem p(x_in, w_in, gate_in, false, !gate_in.has_value());
   const at::Tensor b = p.vec(b_in, "b", p.O);
   if (p.B == 0) return p.empty_result(p.O);
   at::Tensor y;
   p.run([&](auto t) {
-    y = gated_linear<decltype(t)>(p.blocks(), p.x, p.gate, p.w, b, relu ? Epilogue::kRelu : Epilogue::kNone);
+    y = linear<decltype(t)>(p.blocks(), p.operand(), p.w, b, relu ? Epilogue::kRelu : Epilogue::kNone);
   });
   return p.result(y);
 }
@@ -172,15 +189,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_conv_bn_bwd_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pw_conv_bn_train_fwd_cpu(
     const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& bn_w_in, const at::Tensor& bn_b_in, double eps,
     const std::optional<at::Tensor>& gate_in, bool relu) {
-  const Problem p(x_in, w_in, gate_in, true);
+  const Problem p(x_in, w_in, gate_in, true, !gate_in.has_value());
   const at::Tensor bn_w = p.vec(bn_w_in, "bn_w", p.O), bn_b = p.vec(bn_b_in, "bn_b", p.O);
   TORCH_CHECK(eps >= 0, "shvit pw_conv_bn: eps must be non-negative, got ", eps);
-  const auto opt = p.x.options();
+  const auto opt = p.input.options();
   at::Tensor mean = at::empty({p.O}, opt), var = at::empty({p.O}, opt), y, z;
   p.run([&](auto t) {
     using T = decltype(t);
     const Blocks g = p.blocks();
-    z = gated_linear<T>(g, p.x, p.gate, p.w, {}, Epilogue::kNone);
+    z = linear<T>(g, p.operand(), p.w, {}, Epilogue::kNone);
     batch_moments(g, ptr<T>(z), p.O, out<T>(mean), out<T>(var));
     const auto bn = Affine<T>::batch_norm(ptr<T>(mean), ptr<T>(var), ptr<T>(bn_w), ptr<T>(bn_b), eps, p.O);
     y = at::empty_like(z);

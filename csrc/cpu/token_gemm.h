@@ -152,7 +152,9 @@ void block_moments(const T* z, int64_t ch, int64_t m, double* mean, double* m2) 
 // Per-channel sums: s1[c] = sum g, and s2[c] = sum g * (z - mean[c]) when z is given (the BatchNorm backward's
 // sums, before the invstd factor).
 template <typename T>
-void grad_sums(const T* g, const T* z, const T* mean, int64_t ch, int64_t m, double* s1, double* s2) {
+void grad_sums(const T* g, const T* z, const T* mean_in, int64_t ch, int64_t m, double* __restrict s1,
+               double* __restrict s2) {
+  const T* __restrict mean = mean_in;
   std::fill(s1, s1 + ch, 0.0);
   if (z) std::fill(s2, s2 + ch, 0.0);
   for (int64_t i = 0; i < m; ++i) {
@@ -191,13 +193,16 @@ struct NormGrad {
     }
   }
 
-  // gz (m x ch block; may be g) from the block's g and z.
+  // gz (m x ch block; may be g) from the block's g and z. (The per-channel vectors through restrict pointers: the
+  // stores into gz cannot change them, so the loop vectorises.)
   void apply(const Affine<T>& bn, const T* z, const T* g, int64_t ch, int64_t m, T* gz) const {
+    const T *__restrict mean = bn.mean.data(), *__restrict is = bn.invstd.data();
+    const T *__restrict b = mb.data(), *__restrict w = mw.data(), *__restrict kk = k.data();
     for (int64_t i = 0; i < m; ++i)
       for (int64_t c = 0; c < ch; ++c) {
         const int64_t j = i * ch + c;
-        const T zhat = (z[j] - bn.mean[c]) * bn.invstd[c];
-        gz[j] = (g[j] - (mb[c] + zhat * mw[c])) * k[c];
+        const T zhat = (z[j] - mean[c]) * is[c];
+        gz[j] = (g[j] - (b[c] + zhat * w[c])) * kk[c];
       }
   }
 };
@@ -218,11 +223,16 @@ std::vector<double> block_sums(const std::vector<double>& part, int64_t blocks, 
 // h = bn(z), then ReLU if relu.
 template <typename T>
 void bn_act(const Affine<T>& bn, const T* z, int64_t ch, int64_t m, T* h, bool relu = true) {
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t c = 0; c < ch; ++c) {
-      const T v = (z[i * ch + c] - bn.mean[c]) * bn.invstd[c] * bn.w[c] + bn.b[c];
-      h[i * ch + c] = relu ? std::max(v, T(0)) : v;
-    }
+  const T *__restrict mean = bn.mean.data(), *__restrict is = bn.invstd.data();
+  const T *__restrict w = bn.w.data(), *__restrict b = bn.b.data();
+  for (int64_t i = 0; i < m; ++i) {
+    const T* zr = z + i * ch;
+    T* hr = h + i * ch;
+    if (relu)
+      for (int64_t c = 0; c < ch; ++c) hr[c] = std::max((zr[c] - mean[c]) * is[c] * w[c] + b[c], T(0));
+    else
+      for (int64_t c = 0; c < ch; ++c) hr[c] = (zr[c] - mean[c]) * is[c] * w[c] + b[c];
+  }
 }
 
 // The ReLU's backward in place: a = h > 0 ? a : 0.
@@ -242,14 +252,16 @@ void check_float(const char* op, const at::Tensor& t, const char* name, const at
               " does not match x dtype ", like->scalar_type());
 }
 
-// A (B, C, H, W) input x as a token-major (B*H*W, C) matrix, with its layout (that of the results).
+// A (B, C, H, W) input x as a token-major (B*H*W, C) matrix (unless tokenize is false: then only `input`), with its
+// layout (that of the results).
 struct TokenProblem {
   const char* op;
   at::MemoryFormat fmt;
   int64_t B, C, H, W;
-  at::Tensor x;
+  at::Tensor input, x;
 
-  TokenProblem(const char* op_name, const at::Tensor& x_in, bool train) : op(op_name) {
+  TokenProblem(const char* op_name, const at::Tensor& x_in, bool train, bool tokenize = true)
+      : op(op_name), input(x_in) {
     check_float(op, x_in, "x");
     TORCH_CHECK(x_in.dim() == 4, "shvit ", op, ": x must be 4-D (B, C, H, W), got shape ", x_in.sizes());
     TORCH_CHECK(x_in.size(1) > 0 && x_in.size(2) > 0 && x_in.size(3) > 0, "shvit ", op,
@@ -259,7 +271,7 @@ struct TokenProblem {
                 ": BatchNorm training needs more than 1 value per channel, got shape ", x_in.sizes());
     const bool cl = !x_in.is_contiguous() && x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
     fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-    x = tokens(x_in);
+    if (tokenize) x = tokens(x_in);
   }
 
   // A (B, ch, H, W) tensor as a token-major (B*H*W, ch) matrix (a view when it is channels_last).
@@ -269,7 +281,7 @@ struct TokenProblem {
 
   // A weight matrix of shape (rows, cols), contiguous, of x's dtype.
   at::Tensor matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) const {
-    check_float(op, t, name, &x);
+    check_float(op, t, name, &input);
     TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && rows > 0, "shvit ", op, ": ", name,
                 " must have shape (", rows, ", ", cols, "), got ", t.sizes());
     return t.contiguous();
@@ -280,12 +292,12 @@ struct TokenProblem {
     check_float(op, t, name);
     TORCH_CHECK(t.dim() == 1 && t.size(0) == n, "shvit ", op, ": ", name, " must have shape (", n, ",), got ",
                 t.sizes());
-    return t.to(x.scalar_type()).contiguous();
+    return t.to(input.scalar_type()).contiguous();
   }
 
   // An activation input with ch channels, checked against x, as a token-major matrix.
   at::Tensor act(const at::Tensor& t, const char* name, int64_t ch) const {
-    check_float(op, t, name, &x);
+    check_float(op, t, name, &input);
     TORCH_CHECK(t.dim() == 4 && t.size(0) == B && t.size(1) == ch && t.size(2) == H && t.size(3) == W, "shvit ", op,
                 ": ", name, " must have shape (", B, ", ", ch, ", ", H, ", ", W, "), got ", t.sizes());
     return tokens(t);
@@ -295,13 +307,13 @@ struct TokenProblem {
   at::Tensor channels_last(const at::Tensor& t) const { return t.view({B, H, W, t.size(1)}).permute({0, 3, 1, 2}); }
   at::Tensor result(const at::Tensor& t) const { return channels_last(t).contiguous(fmt); }
   at::Tensor empty_result(int64_t ch) const {
-    return at::empty({B, ch, H, W}, x.options().memory_format(fmt));
+    return at::empty({B, ch, H, W}, input.options().memory_format(fmt));
   }
 
   // f(T()) for x's dtype.
   template <typename F>
   void run(const F& f) const {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "shvit_token_gemm_cpu", [&] { f(scalar_t()); });
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "shvit_token_gemm_cpu", [&] { f(scalar_t()); });
   }
 };
 

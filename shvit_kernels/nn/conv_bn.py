@@ -1,10 +1,10 @@
 """Drop-in for the Conv2d_BN pairs outside the fused blocks (the stem's 3x3 stride-2 convs, PatchMerging's 1x1
 convs) and the ReLU after them.
 
-PatchMerging's 1x1 convs run the `pw_conv_bn` op (outside autocast): in training one GEMM whose batch statistics,
-BatchNorm and ReLU are fused around it (C++ on the CPU, Triton on CUDA); conv3 takes its SqueezeExcite gate in the
-GEMM's prologue (`forward(x, gate)`), in eval too. Everything else stays on the library convolution (oneDNN /
-cuDNN), as issue 5 allows: in eval mode (outside autocast) with the BatchNorm folded into the conv's weight and bias
+PatchMerging's 1x1 convs run the `pw_conv_bn` op (outside autocast) on CUDA: in training one GEMM whose batch
+statistics, BatchNorm and ReLU are fused around it, and conv3 takes its SqueezeExcite gate in the GEMM's operand
+loads (`forward(x, gate)`), in eval too. On the CPU only the gated eval conv3 runs the op (see _runs_op).
+Everything else stays on the library convolution (oneDNN / cuDNN), as issue 5 allows: in eval mode (outside autocast) with the BatchNorm folded into the conv's weight and bias
 (cached until a parameter or buffer changes), so the conv output is written once instead of going through BN and
 ReLU passes; on the CPU the ReLU runs inside oneDNN's convolution as a post-op. Training there is the stock
 conv + BatchNorm."""
@@ -66,19 +66,25 @@ class ConvBN(Conv2d_BN):
         new.train(stock.training)
         return new
 
-    def runs_op(self, x: torch.Tensor) -> bool:
-        """Whether the pw_conv_bn op runs this layer for x: a 1x1 conv on the CPU or CUDA, outside autocast."""
-        return x.device.type in ("cpu", "cuda") and is_pointwise(self) and not _autocast(x)
+    def _runs_op(self, x: torch.Tensor, train: bool, gated: bool) -> bool:
+        """Whether the pw_conv_bn op runs this layer: a 1x1 conv outside autocast, on CUDA (Triton), or on the CPU in
+        eval mode with a gate. The C++ op's training kernels are slower than stock's oneDNN convolution + BatchNorm
+        (PatchMerging's conv1 forward + backward, 16x224x16x16 -> 896: 83 vs 49 ms; ad-hoc timing), and an ungated
+        eval conv is already one oneDNN call with BN folded and the ReLU as its post-op."""
+        if not is_pointwise(self) or _autocast(x):
+            return False
+        return x.device.type == "cuda" or (x.device.type == "cpu" and gated and not train)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         """gate (B, in_channels), optional: the conv reads x * gate (PatchMerging's SqueezeExcite)."""
         conv, bn = self.c, self.bn
         check_tensor("x", x, ndim=4, shape=("B", conv.in_channels, "H", "W"))
         check_same_device("x", x, **{"c.weight": conv.weight})
-        op = self.runs_op(x)
+        train = uses_batch_stats(bn)
+        op = self._runs_op(x, train, gate is not None)
         if gate is not None and not op:
             x, gate = x * gate[:, :, None, None], None
-        if uses_batch_stats(bn):
+        if train:
             if op:
                 y, mean, var = ops.pw_conv_bn_train(x, conv.weight.flatten(1), bn.weight, bn.bias, bn.eps, gate,
                                                     self.relu)

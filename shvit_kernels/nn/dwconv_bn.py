@@ -69,8 +69,8 @@ def _se_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class FusedPatchMerging(PatchMerging):
     """PatchMerging whose stride-2 depthwise Conv2d_BN + ReLU runs as one fused op, and whose 1x1 convs are
-    ConvBNs (BN folded in eval; conv1 takes in the first ReLU, conv3 the SqueezeExcite's gate where it runs the
-    pw_conv_bn op: the gated activation is never written). Same keys."""
+    ConvBNs (BN folded in eval; conv1 takes in the first ReLU, conv3 the SqueezeExcite's gate, applied inside the
+    pw_conv_bn op where ConvBN runs it). Same keys."""
 
     def __init__(self, dim: int, out_dim: int):
         check_positive_ints("FusedPatchMerging", dim=dim, out_dim=out_dim)
@@ -103,6 +103,6 @@ class FusedPatchMerging(PatchMerging):
         check_same_device("x", x, **{"conv1.c.weight": w})
         x = self.conv1(x)
         x = dwconv_bn_forward(self.conv2, self._fold, x, residual=False, relu=True)
-        if self.conv3.runs_op(x) and is_squeeze_excite(self.se):
+        if is_squeeze_excite(self.se):  # conv3 applies the gate: in its op's GEMM input where that runs
             return self.conv3(x, gate=_se_gate(self.se, x))
         return self.conv3(self.se(x))

@@ -297,6 +297,30 @@ def _wgrad(dm: _Dims, left: torch.Tensor, pro_l: int, l_bn: tuple, right: torch.
     return _sum(part).view(R, K), (_sum(rs) if rowsum else None)
 
 
+def _bn_apply(dm: _Dims, z: torch.Tensor, bn: _BN, y: torch.Tensor, res: torch.Tensor | None = None,
+              relu: bool = False) -> torch.Tensor:
+    """y = bn(z) [+ res] [then ReLU] through _bn_apply_kernel; returns y."""
+    rows = z.shape[1]
+    block_c, block_t, n_tblk = dm.ew_blocks(rows)
+    r = res if res is not None else z
+    _bn_apply_kernel[(dm.B * n_tblk, triton.cdiv(rows, block_c))](
+        z, *_st(z), r, *_st(r), y, *_st(y), bn.mean, bn.var, bn.w, bn.b, bn.eps, rows, dm.N, n_tblk,
+        RES=res is not None, RELU=relu, ACC=dm.meta["ACC"], BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
+    return y
+
+
+def _bn_sums(dm: _Dims, g: torch.Tensor, z: torch.Tensor, bn: _BN, relu: bool = False) -> torch.Tensor:
+    """[sum g | sum g * zhat] over (B, N) per row: what bn's backward needs of g, the grad of bn(z) (of relu(bn(z))
+    when relu: masked by bn(z) > 0)."""
+    rows = z.shape[1]
+    block_c, block_t, n_tblk = dm.ew_blocks(rows)
+    part = dm.empty(dm.B * n_tblk, 2 * rows)
+    _bn_sums_kernel[(dm.B * n_tblk, triton.cdiv(rows, block_c))](
+        g, *_st(g), z, *_st(z), bn.mean, bn.var, bn.w, bn.b, bn.eps, part, rows, dm.N, n_tblk, RELU=relu,
+        ACC=dm.meta["ACC"], BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
+    return _sum(part)
+
+
 def _t(w: torch.Tensor) -> tuple:
     """(w, row stride, column stride) of w^T: a transposed weight is read through swapped strides."""
     return w, w.stride(1), w.stride(0)

@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 
 from ._common import _BLOCK_T, _BN, _cast, _mm, _p2, _sum, _welford
-from ._token_gemm import (_Dims, _bn_apply_kernel, _bn_operand, _bn_sums_kernel, _dense, _gemm, _gemm_launch, _no_bn,
-                          _ptrs, _relu, _st, _t, _wgrad)
+from ._token_gemm import (_Dims, _bn_apply, _bn_operand, _bn_sums, _dense, _gemm, _gemm_launch, _no_bn, _ptrs, _relu,
+                          _st, _t, _wgrad)
 
 # Fused eval kernels' tiles; module-level so that tests can shrink them to reach the multi-block paths.
 FUSED_ROWS = 256  # most output channels per program (a [FUSED_ROWS, tokens] fp32 accumulator in registers)
@@ -172,11 +172,7 @@ def train_fwd(x, w1, bn1_w, bn1_b, eps1, w2, bn2_w, bn2_b, eps2):
     bn1 = _BN(*_welford(part), bn1_w, bn1_b, eps1, dm.acc)
     part = _gemm_launch(dm, (w2, *w2.stride()), dm.D, dm.HD, z1, 1, _bn_operand(bn1, z1, None), z2, 0)
     bn2 = _BN(*_welford(part), bn2_w, bn2_b, eps2, dm.acc)
-    y = dm.like(x, dm.D)
-    block_c, block_t, n_tblk = dm.ew_blocks(dm.D)
-    _bn_apply_kernel[(dm.B * n_tblk, triton.cdiv(dm.D, block_c))](
-        z2, *_st(z2), x, *_st(x), y, *_st(y), bn2.mean, bn2.var, bn2.w, bn2.b, eps2, dm.D, dm.N, n_tblk, RES=True,
-        RELU=False, ACC=dm.meta["ACC"], BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
+    y = _bn_apply(dm, z2, bn2, dm.like(x, dm.D), res=x)
     return y, bn1.mean, bn1.var, bn2.mean, bn2.var, z1, z2
 
 
@@ -185,13 +181,7 @@ def train_bwd(gy, x, w1, bn1_w, bn1_b, eps1, w2, bn2_w, bn2_b, eps2, mean1, var1
     x, gy, z1, z2 = _dense(x, dm.fmt), _dense(gy, dm.fmt), _dense(z1, None), _dense(z2, None)
     bn1 = _BN(mean1, var1, bn1_w, bn1_b, eps1, dm.acc)
     bn2 = _BN(mean2, var2, bn2_w, bn2_b, eps2, dm.acc)
-    # bn2's backward needs the totals [sum g | sum g * zhat2] of g = grad_y
-    block_c, block_t, n_tblk = dm.ew_blocks(dm.D)
-    part = dm.empty(dm.B * n_tblk, 2 * dm.D)
-    _bn_sums_kernel[(dm.B * n_tblk, triton.cdiv(dm.D, block_c))](
-        gy, *_st(gy), z2, *_st(z2), bn2.mean, bn2.var, bn2.w, bn2.b, eps2, part, dm.D, dm.N, n_tblk, RELU=False,
-        ACC=dm.meta["ACC"], BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
-    sums2 = _sum(part)
+    sums2 = _bn_sums(dm, gy, z2, bn2)  # bn2's backward needs [sum g | sum g * zhat2] of g = grad_y
     # g1: the grad of bn1's output (W2^T bn2_bwd(grad_y), masked by the ReLU), and its sums for bn1's backward
     g1 = torch.empty_like(z1)
     part = _gemm_launch(dm, _t(w2), dm.HD, dm.D, gy, 2, _bn_operand(bn2, z2, sums2), g1, 1, e=z1, e_bn=bn1)

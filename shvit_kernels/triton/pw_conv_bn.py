@@ -15,11 +15,10 @@ Training backward (3 launches + sums): _bn_sums_kernel: bn's gradient sums of gr
 from __future__ import annotations
 
 import torch
-import triton
 
-from ._common import _BN, _cast, _sum, _welford
-from ._token_gemm import (_Dims, _bn_apply_kernel, _bn_operand, _bn_sums_kernel, _dense, _gate_operand, _gemm_launch,
-                          _no_bn, _st, _t, _wgrad)
+from ._common import _BN, _cast, _welford
+from ._token_gemm import (_Dims, _bn_apply, _bn_operand, _bn_sums, _dense, _gate_operand, _gemm_launch, _no_bn, _st,
+                          _t, _wgrad)
 
 
 def _gate(gate: torch.Tensor | None) -> torch.Tensor | None:
@@ -65,12 +64,7 @@ def train_fwd(x, w, bn_w, bn_b, eps, gate, relu):
     pro, a_args = _gate_operand(x, gate)
     part = _gemm_launch(dm, (w, *w.stride()), dm.HD, dm.C, x, pro, a_args, z, 0)
     bn = _BN(*_welford(part), bn_w, bn_b, eps, dm.acc)
-    y = dm.like(x, dm.HD)
-    block_c, block_t, n_tblk = dm.ew_blocks(dm.HD)
-    _bn_apply_kernel[(dm.B * n_tblk, triton.cdiv(dm.HD, block_c))](
-        z, *_st(z), z, *_st(z), y, *_st(y), bn.mean, bn.var, bn.w, bn.b, eps, dm.HD, dm.N, n_tblk, RES=False,
-        RELU=relu, ACC=dm.meta["ACC"], BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
-    return y, bn.mean, bn.var, z
+    return _bn_apply(dm, z, bn, dm.like(x, dm.HD), relu=relu), bn.mean, bn.var, z
 
 
 def train_bwd(gy, x, w, bn_w, bn_b, eps, gate, relu, mean, var, z):
@@ -78,12 +72,7 @@ def train_bwd(gy, x, w, bn_w, bn_b, eps, gate, relu, mean, var, z):
     x, gy, z, gate = _dense(x, dm.fmt), _dense(gy, dm.fmt), _dense(z, None), _gate(gate)
     bn = _BN(mean, var, bn_w, bn_b, eps, dm.acc)
     O = dm.HD
-    block_c, block_t, n_tblk = dm.ew_blocks(O)
-    part = dm.empty(dm.B * n_tblk, 2 * O)
-    _bn_sums_kernel[(dm.B * n_tblk, triton.cdiv(O, block_c))](
-        gy, *_st(gy), z, *_st(z), bn.mean, bn.var, bn.w, bn.b, eps, part, O, dm.N, n_tblk, RELU=relu,
-        ACC=dm.meta["ACC"], BLOCK_C=block_c, BLOCK_T=block_t, num_warps=4)
-    sums = _sum(part)  # [sum g | sum g * zhat] of g = grad_y through the ReLU
+    sums = _bn_sums(dm, gy, z, bn, relu)  # [sum g | sum g * zhat] of g = grad_y through the ReLU
     pro, g_args = 5 if relu else 2, _bn_operand(bn, z, sums)
     gx, ggate = _input_grads(dm, w, gy, pro, g_args, x, gate)
     r_pro, _ = _gate_operand(x, gate)

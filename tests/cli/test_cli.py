@@ -41,7 +41,8 @@ def test_bench_ops_and_models_table_json_markdown(tmp_path):
     assert data["ceilings"]["bytes_per_s"] > 0 and data["ceilings"]["flops_per_s"] > 0
     assert data["errors"] == [] and data["skipped"] == []
     assert {(r["op"], r["mode"]) for r in data["results"]} == {
-        (op, mode) for op in ("dwconv_bn", "ffn", "shsa", "sra") for mode in ("eval fwd", "train fwd+bwd")}
+        (op, mode) for op in ("dwconv_bn", "ffn", "pw_conv_bn", "shsa", "sra")
+        for mode in ("eval fwd", "train fwd+bwd")}
     for r in data["results"]:
         assert r["stock_ms"] > 0 and r["fused_ms"] > 0 and r["gflop"] > 0 and r["mbytes"] > 0
         assert r["fused_roofline_pct"] > 0 and r["bound"] in ("memory", "compute")

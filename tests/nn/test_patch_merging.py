@@ -1,6 +1,6 @@
-"""FusedPatchMerging (official / reference layout and timm's): its 1x1 convs run the pw_conv_bn op on the CPU, conv3
-taking the SqueezeExcite gate in the op's prologue; outputs, every parameter's gradient and the running stats equal
-the stock module's in float64, in eval and training, NCHW and channels_last."""
+"""FusedPatchMerging (official / reference layout and timm's): conv3 takes the SqueezeExcite gate into the pw_conv_bn
+op (on the CPU in eval; on CUDA, tests/gpu, both 1x1 convs in training too); outputs, every parameter's gradient and
+the running stats equal the stock module's in float64, in eval and training, NCHW and channels_last."""
 import copy
 
 import pytest
@@ -10,7 +10,8 @@ import shvit_kernels as sk
 from shvit_kernels import ops, use_backend
 from shvit_kernels import reference as R
 from shvit_kernels.models.timm_compat import import_timm
-from shvit_kernels.nn import FusedPatchMerging
+from shvit_kernels.nn import ConvBN, FusedPatchMerging
+from shvit_kernels.nn._match import is_pointwise
 from tests.helpers import bn_states, cpu_backends, randomize_bn
 
 D = torch.float64
@@ -48,8 +49,12 @@ def _spy(monkeypatch):
 @pytest.mark.parametrize("backend", cpu_backends("pw_conv_bn"))
 @pytest.mark.parametrize("kind", ["reference", "timm"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_matches_stock_in_eval_and_training(monkeypatch, backend, kind, channels_last):
+@pytest.mark.parametrize("everywhere", [False, True], ids=["cpu-policy", "op-everywhere"])
+def test_matches_stock_in_eval_and_training(monkeypatch, backend, kind, channels_last, everywhere):
+    """op-everywhere: both 1x1 convs on the op in training too, as on CUDA (ConvBN._runs_op), on the CPU backends."""
     stock, fused = _pair(kind)
+    if everywhere:
+        monkeypatch.setattr(ConvBN, "_runs_op", lambda self, x, train, gated: is_pointwise(self))
     calls = _spy(monkeypatch)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     with use_backend(backend):
@@ -67,9 +72,11 @@ def test_matches_stock_in_eval_and_training(monkeypatch, backend, kind, channels
             for (k, a), b in zip(bn_states(fused).items(), bn_states(stock).values()):
                 torch.testing.assert_close(a, b, msg=k)
             stock.zero_grad(), fused.zero_grad()
-    # training: conv1 (plain, ReLU) and conv3 (gated) on the op; eval: conv3 gated (conv1 stays on oneDNN)
-    assert calls == [("pw_conv_bn", True)] + [("pw_conv_bn_train", False), ("pw_conv_bn_train", True)] * 2 \
-        + [("pw_conv_bn", True)]
+    if everywhere:  # eval: the gated conv3 (an ungated eval conv is one library call); training: both
+        train_calls = [("pw_conv_bn_train", False), ("pw_conv_bn_train", True)]
+        assert calls == [("pw_conv_bn", True)] + train_calls * 2 + [("pw_conv_bn", True)]
+    else:  # on the CPU: the gated eval conv3 only (conv1 stays one oneDNN call, training stock's convolutions)
+        assert calls == [("pw_conv_bn", True)] * 2
 
 
 def test_unrecognised_squeeze_excite_runs_it_as_is(monkeypatch):
