@@ -49,16 +49,18 @@ at::Tensor input_grads(const Blocks& g, const at::Tensor& gz, const at::Tensor& 
   std::vector<double> part(g.n * K, 0.0);
   g.each([&](int64_t t, int64_t r0, int64_t m) {
     const T* __restrict gs = pg + g.sample(t) * K;
-    double* __restrict acc = &part[t * K];
+    ColumnSums<T, 1> sums(K);
+    T* __restrict acc = sums.row(0);
     const T* __restrict xb = px + r0 * K;
     T *__restrict vb = pv + r0 * K, *__restrict xgb = pxg + r0 * K;
-    for (int64_t i = 0; i < m; ++i)
+    for (int64_t i = 0; i < m; ++i, sums.end_row())
       for (int64_t c = 0; c < K; ++c) {
         const int64_t j = i * K + c;
         acc[c] += vb[j] * xb[j];
         xgb[j] = xb[j] * gs[c];
         vb[j] *= gs[c];
       }
+    std::copy_n(sums.total(0), K, &part[t * K]);
   });
   for (int64_t s = 0; s < g.T / g.N; ++s)  // each sample's blocks, in order
     for (int64_t c = 0; c < K; ++c) {
@@ -70,23 +72,29 @@ at::Tensor input_grads(const Blocks& g, const at::Tensor& gz, const at::Tensor& 
   return gx;
 }
 
-// One block of masked_grad: a = gy through the ReLU (kMask 0: none, 1: post > 0, 2: bn(z) > 0), s1 += a and, with
-// z, s2 += a * (z - mean). One pass; the per-channel vectors through restrict pointers (vectorised).
-template <typename T, int kMask>
-void masked_block(const T* gy, const T* post, const T* z, const Affine<T>* bn, int64_t O, int64_t m, T* a,
-                  double* __restrict s1, double* __restrict s2) {
+// One block of masked_grad: a = gy through the ReLU (kMask 0: none, 1: post > 0, 2: bn(z) > 0), s1 = sum a and,
+// with kStats, s2 = sum a * (z - mean) per channel. One branch-free pass that vectorises (every pointer restrict, a
+// is a new tensor; ColumnSums), so the mask is a select, not a branch that mispredicts on real gradients.
+template <typename T, int kMask, bool kStats>
+void masked_block(const T* __restrict gy, const T* __restrict post, const T* __restrict z, const Affine<T>* bn,
+                  int64_t O, int64_t m, T* __restrict a, double* s1, double* s2) {
   const T *__restrict mean = bn ? bn->mean.data() : nullptr, *__restrict is = bn ? bn->invstd.data() : nullptr;
   const T *__restrict w = bn ? bn->w.data() : nullptr, *__restrict b = bn ? bn->b.data() : nullptr;
-  for (int64_t i = 0; i < m; ++i)
+  ColumnSums<T, 2> sums(O);
+  T *__restrict t1 = sums.row(0), *__restrict t2 = sums.row(1);
+  for (int64_t i = 0; i < m; ++i, sums.end_row()) {
+    const int64_t r = i * O;
     for (int64_t c = 0; c < O; ++c) {
-      const int64_t j = i * O + c;
-      T v = gy[j];
-      if constexpr (kMask == 1) v = post[j] > T(0) ? v : T(0);
-      if constexpr (kMask == 2) v = (z[j] - mean[c]) * is[c] * w[c] + b[c] > T(0) ? v : T(0);
-      if constexpr (kMask != 0) a[j] = v;
-      s1[c] += v;
-      if (z) s2[c] += v * (z[j] - mean[c]);
+      T v = gy[r + c];
+      if constexpr (kMask == 1) v = post[r + c] > T(0) ? v : T(0);
+      if constexpr (kMask == 2) v = (z[r + c] - mean[c]) * is[c] * w[c] + b[c] > T(0) ? v : T(0);
+      if constexpr (kMask != 0) a[r + c] = v;
+      t1[c] += v;
+      if constexpr (kStats) t2[c] += v * (z[r + c] - mean[c]);
     }
+  }
+  std::copy_n(sums.total(0), O, s1);
+  if constexpr (kStats) std::copy_n(sums.total(1), O, s2);
 }
 
 // a = grad_y through the ReLU, if any: its mask is post > 0 (eval: post is the ReLU's output) or bn(z) > 0
@@ -104,12 +112,14 @@ at::Tensor masked_grad(const Blocks& g, int64_t O, const at::Tensor& gy, bool re
     const T *gb = pgy + off, *pb = post ? post + off : nullptr, *zb = bn ? z + off : nullptr;
     T* ab = pa ? pa + off : nullptr;
     double *u1 = &s1[t * O], *u2 = &s2[t * O];
-    if (!relu)
-      masked_block<T, 0>(gb, pb, zb, bn, O, m, ab, u1, u2);
+    if (!relu && !bn)
+      masked_block<T, 0, false>(gb, pb, zb, bn, O, m, ab, u1, u2);
+    else if (!relu)
+      masked_block<T, 0, true>(gb, pb, zb, bn, O, m, ab, u1, u2);
     else if (post)
-      masked_block<T, 1>(gb, pb, zb, bn, O, m, ab, u1, u2);
+      masked_block<T, 1, false>(gb, pb, zb, bn, O, m, ab, u1, u2);
     else
-      masked_block<T, 2>(gb, pb, zb, bn, O, m, ab, u1, u2);
+      masked_block<T, 2, true>(gb, pb, zb, bn, O, m, ab, u1, u2);
   });
   return a;
 }

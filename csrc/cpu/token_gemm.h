@@ -128,43 +128,78 @@ void weight_grad(int64_t tokens, int64_t co, int64_t ci, const T* a, const T* b,
 
 // ---- per-block statistics (a block: m tokens x ch channels, row-major) -------------------------------------------
 
+// K per-channel sums over the rows of a block (row-major, ch channels) that vectorise: each row adds into K rows of
+// T accumulators (row(k)), which add up in double every kSumStretch rows and at the end (fixed order; as
+// kernel_common's sums_of). A double accumulator per element would leave the loops scalar (cvtss2sd per add).
+constexpr int64_t kSumStretch = 64;
+
+template <typename T, int K>
+class ColumnSums {
+ public:
+  explicit ColumnSums(int64_t ch) : ch_(ch), t_(K * ch, T(0)), d_(K * ch, 0.0) {}
+  T* row(int k) { return t_.data() + k * ch_; }
+  void end_row() {
+    if (++rows_ % kSumStretch == 0) flush();
+  }
+  // The totals of sum k (after the last row).
+  const double* total(int k) {
+    flush();
+    return d_.data() + k * ch_;
+  }
+
+ private:
+  void flush() {
+    for (size_t i = 0; i < t_.size(); ++i) d_[i] += t_[i], t_[i] = T(0);
+  }
+  int64_t ch_, rows_ = 0;
+  std::vector<T> t_;
+  std::vector<double> d_;
+};
+
 // Per-channel mean and M2 (sum of squared deviations): two passes with per-channel accumulators, the first
 // pass's rounded mean corrected by the sum of the deviations (as row_moments).
 template <typename T>
 void block_moments(const T* z, int64_t ch, int64_t m, double* mean, double* m2) {
-  std::vector<double> sum(ch, 0.0), dev(ch, 0.0), sq(ch, 0.0);
-  std::vector<T> mt(ch);
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t c = 0; c < ch; ++c) sum[c] += z[i * ch + c];
-  for (int64_t c = 0; c < ch; ++c) mt[c] = T(sum[c] / m);
-  for (int64_t i = 0; i < m; ++i)
+  ColumnSums<T, 1> sum(ch);
+  T* __restrict s = sum.row(0);
+  for (int64_t i = 0; i < m; ++i, sum.end_row())
+    for (int64_t c = 0; c < ch; ++c) s[c] += z[i * ch + c];
+  const double* total = sum.total(0);
+  std::vector<T> mt_v(ch);
+  for (int64_t c = 0; c < ch; ++c) mt_v[c] = T(total[c] / m);
+  ColumnSums<T, 2> dev_sq(ch);
+  const T* __restrict mt = mt_v.data();
+  T *__restrict dev = dev_sq.row(0), *__restrict sq = dev_sq.row(1);
+  for (int64_t i = 0; i < m; ++i, dev_sq.end_row())
     for (int64_t c = 0; c < ch; ++c) {
       const T t = z[i * ch + c] - mt[c];
       dev[c] += t;
       sq[c] += t * t;
     }
+  const double *d = dev_sq.total(0), *q = dev_sq.total(1);
   for (int64_t c = 0; c < ch; ++c) {
-    mean[c] = corrected_mean(mt[c], dev[c], m);
-    m2[c] = sq[c] - dev[c] * dev[c] / m;
+    mean[c] = corrected_mean(mt[c], d[c], m);
+    m2[c] = q[c] - d[c] * d[c] / m;
   }
 }
 
 // Per-channel sums: s1[c] = sum g, and s2[c] = sum g * (z - mean[c]) when z is given (the BatchNorm backward's
 // sums, before the invstd factor).
 template <typename T>
-void grad_sums(const T* g, const T* z, const T* mean_in, int64_t ch, int64_t m, double* __restrict s1,
-               double* __restrict s2) {
+void grad_sums(const T* g, const T* z, const T* mean_in, int64_t ch, int64_t m, double* s1, double* s2) {
   const T* __restrict mean = mean_in;
-  std::fill(s1, s1 + ch, 0.0);
-  if (z) std::fill(s2, s2 + ch, 0.0);
-  for (int64_t i = 0; i < m; ++i) {
+  ColumnSums<T, 2> sums(ch);
+  T *__restrict t1 = sums.row(0), *__restrict t2 = sums.row(1);
+  for (int64_t i = 0; i < m; ++i, sums.end_row()) {
     const T* gr = g + i * ch;
-    for (int64_t c = 0; c < ch; ++c) s1[c] += gr[c];
+    for (int64_t c = 0; c < ch; ++c) t1[c] += gr[c];
     if (z) {
       const T* zr = z + i * ch;
-      for (int64_t c = 0; c < ch; ++c) s2[c] += gr[c] * (zr[c] - mean[c]);
+      for (int64_t c = 0; c < ch; ++c) t2[c] += gr[c] * (zr[c] - mean[c]);
     }
   }
+  std::copy_n(sums.total(0), ch, s1);
+  if (z) std::copy_n(sums.total(1), ch, s2);
 }
 
 // Batch mean and biased variance per channel of z (tokens x ch), from per-block moments combined in block order.

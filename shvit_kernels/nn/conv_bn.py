@@ -4,10 +4,10 @@ convs) and the ReLU after them.
 PatchMerging's 1x1 convs run the `pw_conv_bn` op (outside autocast) on CUDA: in training one GEMM whose batch
 statistics, BatchNorm and ReLU are fused around it, and conv3 takes its SqueezeExcite gate in the GEMM's operand
 loads (`forward(x, gate)`), in eval too. On the CPU only the gated eval conv3 runs the op (see _runs_op).
-Everything else stays on the library convolution (oneDNN / cuDNN), as issue 5 allows: in eval mode (outside autocast) with the BatchNorm folded into the conv's weight and bias
-(cached until a parameter or buffer changes), so the conv output is written once instead of going through BN and
-ReLU passes; on the CPU the ReLU runs inside oneDNN's convolution as a post-op. Training there is the stock
-conv + BatchNorm."""
+Everything else stays on the library convolution (oneDNN / cuDNN), as issue 5 allows: in eval mode (outside
+autocast) with the BatchNorm folded into the conv's weight and bias (cached until a parameter or buffer changes),
+so the conv output is written once instead of going through BN and ReLU passes; on the CPU the ReLU runs inside
+oneDNN's convolution as a post-op. Training there is the stock conv + BatchNorm."""
 from __future__ import annotations
 
 import torch
@@ -68,9 +68,9 @@ class ConvBN(Conv2d_BN):
 
     def _runs_op(self, x: torch.Tensor, train: bool, gated: bool) -> bool:
         """Whether the pw_conv_bn op runs this layer: a 1x1 conv outside autocast, on CUDA (Triton), or on the CPU in
-        eval mode with a gate. The C++ op's training kernels are slower than stock's oneDNN convolution + BatchNorm
-        (PatchMerging's conv1 forward + backward, 16x224x16x16 -> 896: 83 vs 49 ms; ad-hoc timing), and an ungated
-        eval conv is already one oneDNN call with BN folded and the ReLU as its post-op."""
+        eval mode with a gate. The C++ op's training kernels time slower than, at best level with, stock's oneDNN
+        convolution + BatchNorm at PatchMerging's S4 sizes (ad-hoc timing, both layouts: their MKL weight-gradient
+        GEMMs), and an ungated eval conv is already one oneDNN call with BN folded and the ReLU as its post-op."""
         if not is_pointwise(self) or _autocast(x):
             return False
         return x.device.type == "cuda" or (x.device.type == "cpu" and gated and not train)
