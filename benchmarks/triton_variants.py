@@ -1,8 +1,9 @@
 """Counts of Triton compile variants for the README's specialisation table: `python -m benchmarks.triton_variants`
 (from the repository root; CPU, no GPU needed). The test model of tests/integration/test_workflows.py, converted,
-runs on the Triton launchers with the GPU launch configuration and every kernel replaced by a recorder of its compile
-key (Triton's own binder; nothing is computed), as test_triton_specialisations_are_bounded does. Prints, per row,
-(compiled variants, kernels, distinct meta-parameter tuples)."""
+runs on the Triton launchers with the GPU launch configuration (and ConvBN's CUDA choice of ops), every kernel
+replaced by a recorder of its compile key (Triton's own binder; nothing is computed), as
+test_triton_specialisations_are_bounded does. Prints, per row, (compiled variants, kernels, distinct meta-parameter
+tuples)."""
 import os
 import random
 import types
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 import shvit_kernels as sk
+from shvit_kernels.nn import ConvBN
+from shvit_kernels.nn._match import is_pointwise
 from shvit_kernels.triton import _common
 from tests.helpers import replace_triton_kernels
 from tests.integration import test_workflows as W
@@ -54,6 +57,7 @@ def main() -> None:
     with pytest.MonkeyPatch.context() as mp, W._backend("triton"):
         replace_triton_kernels(mp, record)
         mp.setattr(_common._Shape, "__init__", as_on_gpu)
+        mp.setattr(ConvBN, "_runs_op", lambda self, x, train, gated: is_pointwise(self))  # ConvBN as on CUDA
         for name, args in rows.items():
             print(f"{name}: {count(*args)}", flush=True)
 

@@ -18,6 +18,8 @@ from torch.utils.checkpoint import checkpoint
 import shvit_kernels as sk
 from shvit_kernels import backends
 from shvit_kernels.models.shvit import SHViT
+from shvit_kernels.nn import ConvBN
+from shvit_kernels.nn._match import is_pointwise
 from tests.helpers import bn_states, randomize_bn, replace_triton_kernels
 
 try:
@@ -386,6 +388,7 @@ def launch_keys():
         with pytest.MonkeyPatch.context() as mp, _backend("triton"):
             replace_triton_kernels(mp, record)
             mp.setattr(_common._Shape, "__init__", as_on_gpu)
+            mp.setattr(ConvBN, "_runs_op", lambda self, x, train, gated: is_pointwise(self))  # as on CUDA
             for hw in RESOLUTIONS + [(16 * h, 16 * h) for h in SWEEP]:
                 seen = {}
                 with torch.no_grad():
