@@ -103,11 +103,21 @@ def test_autocast_keeps_the_stock_convs(monkeypatch):
     assert calls == []
 
 
-def test_compile_fullgraph_matches_stock():
+@pytest.mark.parametrize("everywhere", [False, True], ids=["cpu-policy", "op-everywhere"])
+def test_compile_fullgraph_matches_stock(monkeypatch, everywhere):
+    """Forward and backward of the compiled module (op-everywhere: the training op under compile too, as on CUDA)."""
+    if everywhere:
+        monkeypatch.setattr(ConvBN, "_runs_op", lambda self, x, train, gated: is_pointwise(self))
     stock, fused = (m.float() for m in _pair("reference"))
-    x = torch.randn(2, 6, 9, 7)
     torch._dynamo.reset()
     compiled = torch.compile(fused, fullgraph=True)
     for train in (True, False):
         stock.train(train), fused.train(train)
-        torch.testing.assert_close(compiled(x), stock(x), atol=1e-5, rtol=1e-4)
+        x = torch.randn(2, 6, 9, 7)
+        xs, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ys, yc = stock(xs), compiled(xc)
+        torch.testing.assert_close(yc, ys, atol=1e-5, rtol=1e-4)
+        ys.square().sum().backward(), yc.square().sum().backward()
+        torch.testing.assert_close(xc.grad, xs.grad, atol=1e-4, rtol=1e-3)
+    for (k, a), b in zip(bn_states(fused).items(), bn_states(stock).values()):
+        torch.testing.assert_close(a, b, msg=k)
