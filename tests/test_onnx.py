@@ -62,8 +62,8 @@ def test_custom_ops_keep_the_shvit_domain(tmp_path, inference):
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto)  # the shvit schemas are registered by the exporter
     ours = sorted(n.op_type for n in proto.graph.node if n.domain == "shvit")
-    # 7 residual depthwise, 2 PatchMerging (+ their gated conv3 unless folded), 7 residual FFN, 2 SHSA
-    assert ours == ["dwconv_bn"] * (7 + 2) + ["ffn"] * 7 + ["pw_conv_bn"] * (0 if inference else 2) + ["shsa"] * 2
+    # 7 residual depthwise, 2 PatchMerging (+ their gated conv3), 7 residual FFN, 2 SHSA
+    assert ours == ["dwconv_bn"] * (7 + 2) + ["ffn"] * 7 + ["pw_conv_bn"] * 2 + ["shsa"] * 2
     assert {o.domain: o.version for o in proto.opset_import}["shvit"] == 1
 
 

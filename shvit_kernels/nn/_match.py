@@ -2,6 +2,7 @@
 child types the fused modules rely on, not by class, since timm defines its own classes with the same layout."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -54,7 +55,8 @@ def is_shsa(m: nn.Module) -> bool:
         and len(proj) == 2 and type(proj[0]) is nn.ReLU and is_conv_bn(proj[1])
 
 
-def _is_1x1(m: nn.Module) -> bool:
+def is_1x1_conv(m: nn.Module) -> bool:
+    """A plain 1x1 Conv2d with bias (stride 1, no padding, one group)."""
     return isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0) \
         and m.dilation == (1, 1) and m.groups == 1 and m.bias is not None
 
@@ -65,10 +67,15 @@ def is_squeeze_excite(m: nn.Module) -> bool:
     in its prologue."""
     names = {n for n, _ in m.named_children()}
     gate = getattr(m, "gate", None)
-    return names <= {"fc1", "bn", "act", "fc2", "gate"} and _is_1x1(getattr(m, "fc1", None)) \
-        and _is_1x1(getattr(m, "fc2", None)) and type(getattr(m, "act", None)) is nn.ReLU \
+    return names <= {"fc1", "bn", "act", "fc2", "gate"} and is_1x1_conv(getattr(m, "fc1", None)) \
+        and is_1x1_conv(getattr(m, "fc2", None)) and type(getattr(m, "act", None)) is nn.ReLU \
         and type(getattr(m, "bn", nn.Identity())) is nn.Identity and not getattr(m, "add_maxpool", False) \
         and (gate is None or type(gate).__name__ == "Sigmoid" and not list(gate.parameters()))
+
+
+def squeeze_excite_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The (B, C) gate by which a SqueezeExcite (is_squeeze_excite) multiplies x: sigmoid(fc2(relu(fc1(mean))))."""
+    return torch.sigmoid(se.fc2(se.act(se.fc1(x.mean((2, 3), keepdim=True))))).flatten(1)
 
 
 def patch_merging_acts(m: nn.Module) -> tuple[str, str] | None:

@@ -10,7 +10,8 @@ from ..reference import Conv2d_BN, PatchMerging, Residual
 from ..reference.conv_bn import bn_scale_shift
 from ._bn import FoldCache, update_running_stats, uses_batch_stats
 from .conv_bn import ConvBN
-from ._match import is_depthwise, is_patch_merging, is_residual, is_squeeze_excite, patch_merging_acts
+from ._match import is_depthwise, is_patch_merging, is_residual, is_squeeze_excite, patch_merging_acts, \
+    squeeze_excite_gate
 
 
 def dwconv_bn_forward(m: nn.Module, cache: FoldCache, x: torch.Tensor, residual: bool, relu: bool) -> torch.Tensor:
@@ -62,11 +63,6 @@ class ResidualDWConvBN(Residual):
         return dwconv_bn_forward(self.m, self._fold, x, residual=True, relu=False)
 
 
-def _se_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The (B, C) gate by which a SqueezeExcite (is_squeeze_excite) multiplies x: sigmoid(fc2(relu(fc1(mean))))."""
-    return torch.sigmoid(se.fc2(se.act(se.fc1(x.mean((2, 3), keepdim=True))))).flatten(1)
-
-
 class FusedPatchMerging(PatchMerging):
     """PatchMerging whose stride-2 depthwise Conv2d_BN + ReLU runs as one fused op, and whose 1x1 convs are
     ConvBNs (BN folded in eval; conv1 takes in the first ReLU, conv3 the SqueezeExcite's gate, applied inside the
@@ -104,5 +100,5 @@ class FusedPatchMerging(PatchMerging):
         x = self.conv1(x)
         x = dwconv_bn_forward(self.conv2, self._fold, x, residual=False, relu=True)
         if is_squeeze_excite(self.se):  # conv3 applies the gate: in its op's GEMM input where that runs
-            return self.conv3(x, gate=_se_gate(self.se, x))
+            return self.conv3(x, gate=squeeze_excite_gate(self.se, x))
         return self.conv3(self.se(x))

@@ -14,7 +14,8 @@ from torch import nn
 from .. import ops
 from ..reference import SHSA as StockSHSA
 from ..reference import Residual
-from ._match import is_depthwise
+from ._match import is_1x1_conv, is_depthwise, is_squeeze_excite, squeeze_excite_gate
+from .conv_bn import _autocast
 
 
 def _scale_shift64(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +139,9 @@ class FoldedResidualFFN(Residual):
 
 
 class FoldedPatchMerging(nn.Module):
-    """PatchMerging with folded convs; `conv2` is a DWConv with the second ReLU fused. Keys as the stock one's."""
+    """PatchMerging with folded convs; `conv2` is a DWConv with the second ReLU fused; conv3 runs on the
+    pw_conv_bn op with the SqueezeExcite gate applied inside it (a recognised SE, outside autocast). Keys as the
+    stock one's."""
 
     @classmethod
     def from_module(cls, pm: nn.Module, act1: str) -> FoldedPatchMerging:
@@ -154,4 +157,12 @@ class FoldedPatchMerging(nn.Module):
         return new.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.conv2(getattr(self, self._act1)(self.conv1(x)))
+        conv3 = self.conv3
+        if is_squeeze_excite(self.se) and is_1x1_conv(conv3) and not _autocast(u):
+            return ops.pw_conv_bn(u, conv3.weight.flatten(1), conv3.bias, squeeze_excite_gate(self.se, u))
+        return conv3(self.se(u))
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The stock math (onnx_export.reference_math)."""
         return self.conv3(self.se(self.conv2(getattr(self, self._act1)(self.conv1(x)))))
