@@ -138,7 +138,7 @@ def _markdown(data: dict, ops_table: str, models_table: str) -> str:
     lines = [f"# shvit_kernels bench: {env['device_name']} ({data['date']})", "",
              "| | |", "|---|---|"]
     for key in ("device_name", "driver", "sm", "multiprocessors", "torch", "triton", "cuda", "python", "arch",
-                "threads"):
+                "threads", "malloc"):
         if env.get(key) is not None:
             lines.append(f"| {key} | {env[key]} |")
     lines += [f"| dtype | {data['dtype']} |", f"| op batch | {data['batch']} |",
@@ -166,8 +166,10 @@ def _bench(args: argparse.Namespace) -> int:
             return 2
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    malloc = None
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+        malloc = roofline.hold_freed_memory() if args.malloc == "held" else "glibc defaults"
     if args.record_auto:
         from . import autotable
         print(f"recording auto's table ({autotable.path()}) for {autotable.device_name(device)}: eval forward, "
@@ -176,6 +178,8 @@ def _bench(args: argparse.Namespace) -> int:
             print(line, flush=True)
         return 0
     env = bench.environment(device)
+    if malloc:
+        env["malloc"] = malloc
     run_ops = args.ops is not None or args.models is None
     modes = list(roofline.MODES) if "all" in args.mode else args.mode
     models = (args.models or list(bench_models.MODELS)) if args.models is not None else []
@@ -209,7 +213,8 @@ def _bench(args: argparse.Namespace) -> int:
     jobs += compile_jobs
 
     print(f"device {device} ({env['device_name']})  dtype {args.dtype}  torch {env['torch']}  triton {env['triton']}  "
-          f"cpu threads {torch.get_num_threads()} (torch.set_num_threads)" + (f"  op batch {args.batch}" * run_ops))
+          f"cpu threads {torch.get_num_threads()} (torch.set_num_threads)" + (f"  op batch {args.batch}" * run_ops)
+          + (f"  malloc {malloc}" if malloc else ""))
     ceilings = roofline.measure_ceilings(device, dtype)
     print(f"ceilings measured now: copy {ceilings.bytes_per_s / 1e9:.1f} GB/s ({ceilings.copy_mib} MiB, read + write), "
           f"matmul {ceilings.flops_per_s / 1e9:.0f} GFLOP/s ({ceilings.matmul})")
@@ -302,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
                         "each")
     b.add_argument("--model-reps", type=int, default=5, help="timed calls per model case on the CPU")
     b.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    b.add_argument("--malloc", choices=["held", "default"], default="held",
+                   help="CPU: held = glibc keeps freed memory in the heap for the whole run, so no case's time depends "
+                        "on what ran before (default); default = glibc's own thresholds (see roofline.py)")
     b.add_argument("--reps", type=int, default=20, help="timed calls per op case on the CPU")
     b.add_argument("--budget-s", type=float, help="start no case after this many seconds (listed as skipped)")
     b.add_argument("--progress", action=argparse.BooleanOptionalAction,

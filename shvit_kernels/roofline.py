@@ -4,6 +4,12 @@ same run, the work each op must do counted from its shape, and the % of the roof
 - Timing: CUDA: `triton.testing.do_bench` median (CUDA events, L2 flushed between calls; events alone when Triton
   is missing); CPU: median of `time.perf_counter` over repeated calls after warm-up, at the thread count the caller
   set (torch.set_num_threads; the CLI prints it). Inputs rotate over sets larger than the last-level cache.
+- CPU allocator: PyTorch's CPU tensors come from glibc malloc, which by default hands blocks above a threshold
+  back to the kernel on free, so a call that allocates them page-faults (and zero-fills) every time; the
+  threshold moves with what the process freed before, so the same call can take several times as long in a
+  fresh script as after a larger allocation was freed (README, "CPU allocator"). The CLI therefore holds freed memory in the heap for the whole run
+  (`hold_freed_memory`, its `--malloc held` default), so every case meets the same allocator whatever ran before;
+  `benchmarks/fresh_process.py` times each implementation in a fresh process with glibc's defaults instead.
 - Ceilings (the fastest of a few calls): a copy 4x the last-level cache (bytes read + bytes written over the time)
   for bandwidth, a random matrix product for FLOP/s (in the run's dtype on the GPU; fp32 on the CPU).
 - Cost: FLOPs and the fewest bytes an op must move (each input and weight read once, each output written once).
@@ -50,6 +56,24 @@ def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 20, warm
     while len(times) < max(reps, 1) and (len(times) < 3 or time.perf_counter() < stop):
         times.append(_call_ms(fn))
     return _STATS[stat](times)
+
+
+# glibc mallopt parameters, and the largest mmap threshold glibc accepts on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX = -1, -3, 32 * 2**20
+
+
+def hold_freed_memory() -> str:
+    """Make glibc keep freed memory in the heap from now on (mmap only above 32 MiB, never trim the heap's top), so
+    that CPU timings do not depend on what the process allocated before (see the module doc). Returns what was
+    done, for the run's header."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return "libc defaults (not glibc)"
+    libc = ctypes.CDLL(None)
+    ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    return "held (glibc mmap threshold 32 MiB, no trim)" if ok else "glibc defaults (mallopt refused)"
 
 
 def _call_ms(fn: Callable[[], object]) -> float:

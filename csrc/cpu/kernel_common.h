@@ -12,6 +12,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 
+#include "scratch_arena.h"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -228,25 +230,37 @@ at::Tensor buffer(int64_t n) {
   return at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
 }
 
-// Per-thread scratch: one allocation carved into 64-byte-aligned pieces of the given sizes.
+// Scratch: pieces of the given sizes (elements), each on a 64-byte boundary, from this thread's arena
+// (scratch_arena.h) when it can serve them, else from one allocation of their own. Create and destroy in stack
+// order on one thread (a local variable).
 template <typename T>
 class Scratch {
  public:
   explicit Scratch(std::initializer_list<int64_t> sizes) {
     int64_t total = 0;
     for (int64_t s : sizes) total += round_up(s);
-    buf_ = buffer<T>(total);
-    T* p = buf_.mutable_data_ptr<T>();
+    bytes_ = static_cast<size_t>(total) * sizeof(T);
+    T* p = static_cast<T*>(arena_acquire(bytes_));
+    if (!p) {
+      own_ = buffer<T>(total);
+      p = own_.mutable_data_ptr<T>();
+    }
     for (int64_t s : sizes) {
       pieces_.push_back(p);
       p += round_up(s);
     }
   }
+  ~Scratch() {
+    if (!own_.defined()) arena_release(bytes_);
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
   T* operator[](size_t i) const { return pieces_[i]; }
 
  private:
   static int64_t round_up(int64_t s) { return (s + kAlign - 1) / kAlign * kAlign; }
-  at::Tensor buf_;
+  size_t bytes_;
+  at::Tensor own_;
   std::vector<T*> pieces_;
 };
 

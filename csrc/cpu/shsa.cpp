@@ -375,8 +375,8 @@ template <typename T>
 void eval_forward(const Dims& d, const T* x, const T* gn_w, const T* gn_b, double gn_eps, const T* qkv_w,
                   const T* qkv_b, const T* proj_w, const T* proj_b, bool residual, T* y) {
   const int64_t N = d.N, ld = d.B * N;
-  const at::Tensor a_t = buffer<T>(d.O * ld);
-  T* a = a_t.mutable_data_ptr<T>();
+  const Scratch<T> a_s({d.O * ld});
+  T* a = a_s[0];
   parallel_tasks(d.groups(), [&](int64_t g0, int64_t g1) {
     const Scratch<T> s({d.P * d.G * N});
     for (int64_t g = g0; g < g1; ++g) {
@@ -423,8 +423,8 @@ void train_forward(const Dims& d, const T* x, const T* gn_w, const T* gn_b, doub
   const int64_t B = d.B, N = d.N, ld = B * N;
   T* z = zp ? zp : y;  // the pre-BN proj (NCHW): kept in zp for the backward when given, else BN'd in place
   // (1) GroupNorm + pre-BN qkv of every sample, kept in (O, B * N) layout, and its per-sample moments.
-  const at::Tensor zq_t = buffer<T>(d.O * ld);
-  T* zq = zq_t.mutable_data_ptr<T>();
+  const Scratch<T> zq_s({d.O * ld});
+  T* zq = zq_s[0];
   std::vector<double> mq(B * d.O), m2q(B * d.O);
   parallel_tasks(d.groups(), [&](int64_t g0, int64_t g1) {
     const Scratch<T> s({d.P * d.G * N});
@@ -487,18 +487,15 @@ class Backward {
   Backward(const Dims& d, const T* gy, const T* x, const T* gn_w, const T* gn_b, double gn_eps, const T* qkv_w,
            const T* proj_w, Affine<T> qn, Affine<T> pn, bool train, bool residual, T* gx, const T* zp = nullptr)
       : d(d), gy(gy), x(x), gn_w(gn_w), gn_b(gn_b), gn_eps(gn_eps), qkv_w(qkv_w), proj_w(proj_w), qn(std::move(qn)),
-        pn(std::move(pn)), train(train), residual(residual), gx(gx), zp(zp), ld(d.B * d.N) {
-    const int64_t rows = 2 * d.C + d.P + (train ? 3 : 2) * d.O;
-    // With one query block per sample, training keeps all probabilities (B * N * N, small then) for pass (2).
-    const bool keep_probs = train && d.blocks() == 1;
-    store = buffer<T>(rows * ld + (keep_probs ? d.B * d.N * d.N : 0));
-    T* p = store.mutable_data_ptr<T>();
+        pn(std::move(pn)), train(train), residual(residual), gx(gx), zp(zp), ld(d.B * d.N),
+        store({store_size(d, train)}) {
+    T* p = store[0];
     for (T** buf : {&U, &GP}) *buf = p, p += d.C * ld;
     NB = p, p += d.P * ld;
     for (T** buf : {&A, &GA}) *buf = p, p += d.O * ld;
     ZH = train ? p : nullptr;
     p += train ? d.O * ld : 0;
-    PR = keep_probs ? p : nullptr;
+    PR = keeps_probs(d, train) ? p : nullptr;
     gn_mean.resize(d.B);
     gn_rstd.resize(d.B);
     for (auto* v : {&proj_s1, &proj_s2}) v->assign(d.B * d.C, 0.0);
@@ -550,11 +547,18 @@ class Backward {
   // Batch-wide buffers, (rows, B * N) with sample b in columns [b * N, (b + 1) * N): a group's GEMMs take its
   // columns at once, and the weight gradients are single GEMMs over the batch.
   const int64_t ld;
-  at::Tensor store;
+  const Scratch<T> store;  // the buffers below
   T *U, *GP, *NB, *A, *GA, *ZH;  // relu'd concat, proj grad (train: zhat first), GN out, qkv, qkv grad, qkv zhat
   T* PR;                         // training with one query block per sample: sample b's probabilities at b * N * N
   std::vector<T> gn_mean, gn_rstd;
   std::vector<double> proj_s1, proj_s2, qkv_s1, qkv_s2;  // per-sample partial sums
+
+  // With one query block per sample, training keeps all probabilities (B * N * N, small then) for pass (2).
+  static bool keeps_probs(const Dims& d, bool train) { return train && d.blocks() == 1; }
+  static int64_t store_size(const Dims& d, bool train) {
+    const int64_t rows = 2 * d.C + d.P + (train ? 3 : 2) * d.O;
+    return rows * d.B * d.N + (keeps_probs(d, train) ? d.B * d.N * d.N : 0);
+  }
 
   template <typename F>
   void per_group(F f) {

@@ -111,8 +111,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <typename T>
 void gemm_tn_sum(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* out) {
   const int64_t kc = std::max<int64_t>(1, ceil_div(k, kSumRows)), nc = ceil_div(n, kGradCols);
-  const at::Tensor part_t = kc > 1 ? buffer<T>(kc * m * n) : at::Tensor();
-  T* part = kc > 1 ? part_t.mutable_data_ptr<T>() : out;
+  const Scratch<T> part_s({kc > 1 ? kc * m * n : 0});
+  T* part = kc > 1 ? part_s[0] : out;
   parallel_tasks(kc * nc, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t / nc * kSumRows, c0 = t % nc * kGradCols;
@@ -507,8 +507,8 @@ T gelu_grad(T t) {  // Phi(t) + t phi(t)
 
 template <typename T>
 void reduce_forward(const RedDims& d, const T* x, const T* wt, const T* sr_b, const T* ln_w, const T* ln_b, T* red) {
-  const at::Tensor part_t = buffer<T>(d.nk * d.rows() * d.C);
-  T* part = part_t.mutable_data_ptr<T>();
+  const Scratch<T> part_s({d.nk * d.rows() * d.C});
+  T* part = part_s[0];
   conv_partials<T>(d, x, wt, part, nullptr);
   parallel_tasks(ceil_div(d.rows(), kNormRows), [&](int64_t t0, int64_t t1) {
     std::vector<T> z(d.C);
@@ -532,10 +532,9 @@ template <typename T>
 void reduce_backward(const RedDims& d, const T* g_red, const T* x, const T* wt, const T* sr_b, const T* ln_w,
                      const T* ln_b, T* gx, T* g_wp, std::vector<double>& sums) {
   const int64_t C = d.C, N = d.N(), rows = d.rows(), chunks = ceil_div(rows, kNormRows);
-  const at::Tensor part_t = buffer<T>(d.nk * rows * C), gz_t = buffer<T>(rows * C);
-  const at::Tensor pool_t = d.linear ? buffer<T>(rows * C) : at::Tensor();
-  T *part = part_t.mutable_data_ptr<T>(), *GZ = gz_t.mutable_data_ptr<T>();
-  T* pooled = d.linear ? pool_t.mutable_data_ptr<T>() : nullptr;
+  const Scratch<T> s({d.nk * rows * C, rows * C, d.linear ? rows * C : 0});
+  T *part = s[0], *GZ = s[1];
+  T* pooled = d.linear ? s[2] : nullptr;
   conv_partials<T>(d, x, wt, part, pooled);
   sums.assign(3 * chunks * C, 0.0);  // per row chunk: sum g * zhat, sum g (LayerNorm), sum gz (conv bias)
   parallel_tasks(chunks, [&](int64_t t0, int64_t t1) {
@@ -738,7 +737,6 @@ void attn_backward_fold(const AttnDims& d, int64_t chunks, const T* go, const T*
     for (int64_t i = 0; i < d.bq; ++i) std::fill(gp + i * HMp + HM, gp + (i + 1) * HMp, T(0));  // zero columns
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / chunks, blk0 = t % chunks * per, blk1 = std::min(nb, blk0 + per);
-      const T* kvb = p.kv + b * d.M * C2;
       T *dkv = dkv_part + t * d.M * C2, *da = da_part + t * C * HMp;
       double* dab = dab_part + t * HM;
       std::fill(dkv, dkv + d.M * C2, T(0));
@@ -993,8 +991,8 @@ std::tuple<at::Tensor, at::Tensor> sra_attn_fwd_cpu(const at::Tensor& x_in, cons
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sra_attn_fwd_cpu", [&] {
     using T = scalar_t;
     const int64_t HMp = d.fold() ? d.hmp() : 0;
-    const at::Tensor buf = buffer<T>(d.B * (d.M * 2 * d.C + (d.C + 1) * HMp));
-    KV<T> p{buf.mutable_data_ptr<T>()};
+    const Scratch<T> buf({d.B * (d.M * 2 * d.C + (d.C + 1) * HMp)});
+    KV<T> p{buf[0]};
     if (HMp) {
       p.a = p.kv + d.B * d.M * 2 * d.C;
       p.ab = q_b ? p.a + d.B * d.C * HMp : nullptr;
@@ -1029,8 +1027,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sra_attn_bwd_cpu", [&] {
       using T = scalar_t;
       const int64_t tasks = d.B * chunks;
-      const at::Tensor pre = buffer<T>(d.B * (d.M * C2 + (2 * C + 1) * HMp + C * d.M));
-      KV<T> p{pre.mutable_data_ptr<T>()};
+      const Scratch<T> pre({d.B * (d.M * C2 + (2 * C + 1) * HMp + C * d.M)});
+      KV<T> p{pre[0]};
       if (fold) {
         p.a = p.kv + d.B * d.M * C2;
         p.at = p.a + d.B * C * HMp;
@@ -1038,20 +1036,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         p.ab = q_b ? p.vt + d.B * C * d.M : nullptr;
       }
       kv_projection<T>(d, ptr<T>(red), ptr<T>(kv_w), ptr<T>(kv_b), ptr<T>(q_w), ptr<T>(q_b), p);
-      const at::Tensor dkv_part = buffer<T>(tasks * d.M * C2);
-      const at::Tensor dkv = chunks == 1 ? dkv_part : buffer<T>(d.B * d.M * C2);
-      // Explicit: dq of every token (for dWq) and dq column sums per task. Folded: da, dab per task and dWq, dbq
-      // per sample.
-      const at::Tensor dq = buffer<T>(fold ? d.B * C * C + tasks * C * HMp : d.B * d.N * C);
+      // dkv per task, summed per sample into dkv (the same buffer with one chunk per sample); explicit: dq of
+      // every token (for dWq) and dq column sums per task; folded: da, dab per task and dWq, dbq per sample.
+      const Scratch<T> grads({tasks * d.M * C2, chunks == 1 ? 0 : d.B * d.M * C2,
+                              fold ? d.B * C * C + tasks * C * HMp : d.B * d.N * C});
       std::vector<double> qb_part(fold ? d.B * C : tasks * C), dab_part(fold ? tasks * HM : 0);
-      T *dkv_p = dkv.mutable_data_ptr<T>(), *dq_p = dq.mutable_data_ptr<T>();
+      T *dkv_part = grads[0], *dkv_p = chunks == 1 ? dkv_part : grads[1], *dq_p = grads[2];
       T* da_part = fold ? dq_p + d.B * C * C : nullptr;
       if (fold)
         attn_backward_fold<T>(d, chunks, ptr<T>(g_o), ptr<T>(x), ptr<T>(o), ptr<T>(lse), p, gx.mutable_data_ptr<T>(),
-                              dkv_part.mutable_data_ptr<T>(), da_part, dab_part.data());
+                              dkv_part, da_part, dab_part.data());
       else
         attn_backward<T>(d, chunks, ptr<T>(g_o), ptr<T>(x), ptr<T>(q_w), ptr<T>(q_b), p.kv, ptr<T>(o), ptr<T>(lse),
-                         gx.mutable_data_ptr<T>(), dq_p, dkv_part.mutable_data_ptr<T>(), qb_part.data());
+                         gx.mutable_data_ptr<T>(), dq_p, dkv_part, qb_part.data());
       // Per sample: partials of its chunks in order; g_red = dkv kv_w.
       parallel_tasks(d.B, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
@@ -1061,7 +1058,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             for (int64_t c = 1; c < chunks; ++c)
               for (int64_t e = 0; e < n; ++e) to[e] += part[(b * chunks + c) * n + e];
           };
-          sum_chunks(ptr<T>(dkv_part), d.M * C2, out);
+          sum_chunks(dkv_part, d.M * C2, out);
           if (fold) {
             T* da = da_part + b * chunks * C * HMp;  // summed into the sample's first chunk
             for (int64_t c = 1; c < chunks; ++c)
