@@ -12,6 +12,7 @@ Environment:
   SHVIT_BENCH_COMPILE  1 | 0: include the torch.compile variants (default: 1 on CUDA at full size; compiling
                        costs minutes with max-autotune, so the tiny CPU run leaves them out)
   SHVIT_BENCH_THREADS  CPU threads (torch.set_num_threads); recorded in every result either way
+On the CPU the suites hold freed memory in the heap, as the CLI bench does (shvit_kernels/roofline.py).
 
 pytest-benchmark's own columns time each call (synchronised on CUDA, so they include the launch); every result's
 extra_info carries the figure the results use: on CUDA the do_bench median (CUDA events), on CPU pytest-benchmark's
@@ -27,11 +28,12 @@ import torch
 from shvit_kernels import bench
 from shvit_kernels.roofline import Cost, time_ms
 
-from .settings import DEVICE, GPU, SIZE, ceilings
+from .settings import DEVICE, GPU, MALLOC, SIZE, ceilings
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["shvit_kernels"] = bench.environment(DEVICE)  # GPU name, driver, torch/triton versions, threads
+    # GPU name, driver, torch/triton versions, threads; on the CPU how malloc was set
+    machine_info["shvit_kernels"] = {**bench.environment(DEVICE), **({"malloc": MALLOC} if MALLOC else {})}
 
 
 @pytest.fixture

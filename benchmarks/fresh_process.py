@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -55,6 +56,11 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"ms": time_ms(fn, torch.device("cpu"), args.reps, warmup=0)}))
 
 
+def _median(xs: list) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    return xs[len(xs) // 2] if xs else None
+
+
 def measure(args: argparse.Namespace, kind: str, name: str, mode: str, impl: str) -> float | None:
     cmd = [sys.executable, "-m", "benchmarks.fresh_process", "--child", kind, name, mode, impl,
            "--threads", str(args.threads), "--batch", str(args.batch), "--model-batch", str(args.model_batch),
@@ -78,6 +84,8 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=100, help="timed calls per op case")
     p.add_argument("--model-reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="processes per op cell (median of their medians)")
+    p.add_argument("--model-rounds", type=int, default=1, help="processes per model cell")
     p.add_argument("--markdown", metavar="PATH")
     p.add_argument("--child", nargs=4, metavar=("KIND", "NAME", "MODE", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -91,12 +99,15 @@ def main() -> int:
     jobs += [("model", m, s, tuple(VARIANTS)) for m in args.models for s in args.scenario]
     rows = []
     for kind, name, mode, impls in jobs:
-        ms = {impl: measure(args, kind, name, mode, impl) for impl in impls}
+        # Rounds interleave the implementations, so that a slow spell of a shared machine hits them alike.
+        runs = [[measure(args, kind, name, mode, impl) for impl in impls]
+                for _ in range(args.rounds if kind == "op" else args.model_rounds)]
+        ms = {impl: _median([r[i] for r in runs]) for i, impl in enumerate(impls)}
         rows.append((name, mode, ms))
         print(name, mode, "  ".join(f"{i} {t:.3f}" if t else f"{i} -" for i, t in ms.items()), flush=True)
 
-    impls = list(dict.fromkeys(i for _, _, ms in rows for i in ms))
-    ratios = [(n, d) for n, d in RATIOS if d in impls]
+    impls = [i for i in VARIANTS if any(i in ms for _, _, ms in rows)]  # (OP_IMPLS are a subset, same order)
+    ratios = [(n, d) for n, d in RATIOS if n in impls and d in impls]
     cols = ["case", "mode", *impls, *(f"{n} vs {d}" for n, d in ratios)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, mode, ms in rows:
@@ -108,8 +119,9 @@ def main() -> int:
     if args.markdown:
         head = (f"# Fresh-process CPU times (ms, median), {time.strftime('%Y-%m-%d')}\n\n"
                 f"torch {torch.__version__}, {args.threads} threads, fp32, op batch {args.batch}, model batch "
-                f"{args.model_batch}; each cell its own process, glibc malloc defaults.\n\n"
-                f"`python -m benchmarks.fresh_process {' '.join(sys.argv[1:])}`\n\n")
+                f"{args.model_batch}; each measurement its own process, glibc malloc defaults; a cell is the median of "
+                f"{args.rounds} (ops) / {args.model_rounds} (models) such processes, implementations interleaved.\n\n"
+                f"`python -m benchmarks.fresh_process {shlex.join(sys.argv[1:])}`\n\n")
         with open(args.markdown, "w") as f:
             f.write(head + table + "\n")
     return 0

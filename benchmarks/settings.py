@@ -8,12 +8,13 @@ import os
 import torch
 
 from shvit_kernels.bench_models import MODELS
-from shvit_kernels.roofline import Ceilings, measure_ceilings
+from shvit_kernels.roofline import Ceilings, hold_freed_memory, measure_ceilings
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEVICE.type == "cuda"
 if os.environ.get("SHVIT_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["SHVIT_BENCH_THREADS"]))
+MALLOC = None if GPU else hold_freed_memory()  # as the CLI bench does (roofline.py: CPU allocator)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,14 +45,6 @@
 #include <utility>
 #include <vector>
 
-// Fortran BLAS of the library torch links (MKL in the x86 wheels), weak: where torch exports none, at::addmm_out.
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
-            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-}
-
 namespace shvit::cpu {
 namespace {
 
@@ -67,42 +59,6 @@ constexpr int64_t kNormRows = 64;    // reduce: tokens per LayerNorm task
 
 // ---- GEMM and tasks ------------------------------------------------------------------------------------------
 
-// c (m x n, row stride ldc) = alpha * op(a) @ op(b) + beta * c, row-major; op(a) is m x k, stored transposed
-// (k x m) when ta; likewise b. beta == 0 never reads c. Not kernel_common's gemm (at::addmm): the attention makes
-// hundreds of small calls, where addmm's per-call overhead and MKL's AVX2 path on AMD cost (file comment).
-template <typename T>
-void blas_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-          int64_t ldb, T beta, T* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  constexpr bool f32 = std::is_same_v<T, float>;
-#ifdef CPUBLAS_BRGEMM_F32F32F32
-  // oneDNN's JIT brgemm (AVX-512 where MKL runs its AVX2 path on AMD): ~30% faster on the attention's small
-  // plain GEMMs; it falls back to ATen's gemm where oneDNN cannot run.
-  if (f32 && !ta && !tb && alpha == T(1) && (beta == T(0) || beta == T(1))) {
-    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, beta == T(1), reinterpret_cast<const float*>(a),
-                                reinterpret_cast<const float*>(b), reinterpret_cast<float*>(c));
-    return;
-  }
-#endif
-  const bool blas = f32 ? sgemm_ != nullptr : dgemm_ != nullptr;
-  if (blas && std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX) {
-    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
-    const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
-    const int M = int(n), N = int(m), K = int(k), LDA = int(ldb), LDB = int(lda), LDC = int(ldc);
-    if constexpr (f32)
-      sgemm_(&tA, &tB, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
-    else
-      dgemm_(&tA, &tB, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
-    return;
-  }
-  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const auto strides = [](bool t, int64_t ld) { return t ? std::array<int64_t, 2>{1, ld} : std::array<int64_t, 2>{ld, 1}; };
-  const at::Tensor at_ = at::from_blob(const_cast<T*>(a), {m, k}, strides(ta, lda), opt);
-  const at::Tensor bt = at::from_blob(const_cast<T*>(b), {k, n}, strides(tb, ldb), opt);
-  at::Tensor ct = at::from_blob(c, {m, n}, {ldc, 1}, opt);
-  at::addmm_out(ct, ct, at_, bt, beta, alpha);
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // out (m x n, row-major) = a^T b summed over k rows (a: k x m, b: k x n, row strides lda, ldb): a weight gradient
@@ -116,7 +72,7 @@ void gemm_tn_sum(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const
   parallel_tasks(kc * nc, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t / nc * kSumRows, c0 = t % nc * kGradCols;
-      blas_gemm<T>(true, false, m, std::min(kGradCols, n - c0), std::min(kSumRows, k - r0), T(1), a + r0 * lda + 0, lda,
+      gemm<T>(true, false, m, std::min(kGradCols, n - c0), std::min(kSumRows, k - r0), T(1), a + r0 * lda + 0, lda,
               b + r0 * ldb + c0, ldb, T(0), part + t / nc * m * n + c0, n);
     }
   });
@@ -471,7 +427,7 @@ void conv_partials(const RedDims& d, const T* x, const T* wt, T* part, T* keep) 
       const int64_t g = t / d.nk, k = t % d.nk, r0 = g * kRedRows, n = std::min(kRedRows, rows - r0);
       T* p = keep ? keep + r0 * d.C : s[0];
       patch_tile(d, x, r0, n, k, p);
-      blas_gemm<T>(false, false, n, d.C, chunk_width(d, k), T(1), p, d.kc, wt + k * d.kc * d.C, d.C, T(0),
+      gemm<T>(false, false, n, d.C, chunk_width(d, k), T(1), p, d.kc, wt + k * d.kc * d.C, d.C, T(0),
               part + (k * rows + r0) * d.C, d.C);
     }
   });
@@ -567,7 +523,7 @@ void reduce_backward(const RedDims& d, const T* g_red, const T* x, const T* wt, 
     parallel_tasks(d.B, [&](int64_t b0, int64_t b1) {
       std::vector<T> gp(d.M * C);
       for (int64_t b = b0; b < b1; ++b) {
-        blas_gemm<T>(false, true, d.M, C, C, T(1), GZ + b * d.M * C, C, wt, C, T(0), gp.data(), C);
+        gemm<T>(false, true, d.M, C, C, T(1), GZ + b * d.M * C, C, wt, C, T(0), gp.data(), C);
         T* gxs = gx + b * N * C;
         std::fill(gxs, gxs + N * C, T(0));
         for (int64_t m = 0; m < d.M; ++m) {
@@ -599,8 +555,8 @@ void reduce_backward(const RedDims& d, const T* g_red, const T* x, const T* wt, 
       for (int64_t g = 0; g < d.groups(); ++g) {
         const int64_t r0 = g * kRedRows, n = std::min(kRedRows, rows - r0);
         patch_tile(d, x, r0, n, k, s[0]);
-        blas_gemm<T>(true, false, C, width, n, T(1), GZ + r0 * C, C, s[0], d.kc, T(g ? 1 : 0), g_wp + k * d.kc, d.K);
-        blas_gemm<T>(false, true, n, width, C, T(1), GZ + r0 * C, C, wt + k * d.kc * C, C, T(0), s[1], d.kc);
+        gemm<T>(true, false, C, width, n, T(1), GZ + r0 * C, C, s[0], d.kc, T(g ? 1 : 0), g_wp + k * d.kc, d.K);
+        gemm<T>(false, true, n, width, C, T(1), GZ + r0 * C, C, wt + k * d.kc * C, C, T(0), s[1], d.kc);
         for (int64_t row = r0; row < r0 + n; ++row) {
           const int64_t b = row / d.M, i = row % d.M / d.wo, j = row % d.M % d.wo;
           const T* src = s[1] + (row - r0) * d.kc;
@@ -647,11 +603,11 @@ void kv_projection(const AttnDims& d, const T* red, const T* kv_w, const T* kv_b
     std::vector<T> kw(o.a ? HMp * C : 0);  // rows j = (h, key): scale k_h Wq_h, then zero rows
     for (int64_t b = b0; b < b1; ++b) {
       T* kv = o.kv + b * d.M * C2;
-      blas_gemm<T>(false, false, d.M, C2, C, T(1), red + b * d.M * C, C, kv_wt.data(), C2, T(0), kv, C2);
+      gemm<T>(false, false, d.M, C2, C, T(1), red + b * d.M * C, C, kv_wt.data(), C2, T(0), kv, C2);
       add_bias_rows(kv, d.M, C2, C2, kv_b);
       if (!o.a) continue;
       for (int64_t h = 0; h < d.heads; ++h)
-        blas_gemm<T>(false, false, d.M, C, d.hd, T(1), kv + h * d.hd, C2, q_w + h * d.hd * C, C, T(0),
+        gemm<T>(false, false, d.M, C, d.hd, T(1), kv + h * d.hd, C2, q_w + h * d.hd * C, C, T(0),
                 kw.data() + h * d.M * C, C);
       for (int64_t e = 0; e < HM * C; ++e) kw[e] *= T(d.scale);
       std::fill(kw.begin() + HM * C, kw.end(), T(0));
@@ -675,7 +631,7 @@ void kv_projection(const AttnDims& d, const T* red, const T* kv_w, const T* kv_b
 // q rows [i0, i0 + m) of sample b into q (m x C).
 template <typename T>
 void q_projection(const AttnDims& d, const T* x, const T* q_w, const T* q_b, int64_t b, int64_t i0, int64_t m, T* q) {
-  blas_gemm<T>(false, true, m, d.C, d.C, T(1), x + (b * d.N + i0) * d.C, d.C, q_w, d.C, T(0), q, d.C);
+  gemm<T>(false, true, m, d.C, d.C, T(1), x + (b * d.N + i0) * d.C, d.C, q_w, d.C, T(0), q, d.C);
   add_bias_rows(q, m, d.C, d.C, q_b);
 }
 
@@ -692,7 +648,7 @@ void attn_forward(const AttnDims& d, const T* x, const T* q_w, const T* q_b, con
       const T* kvb = p.kv + b * d.M * C2;
       T* ob = o + (b * d.N + i0) * C;
       if (fold) {  // the scores of all heads in one GEMM
-        blas_gemm<T>(false, false, m, HMp, C, T(1), x + (b * d.N + i0) * C, C, p.a + b * C * HMp, HMp, T(0), s, HMp);
+        gemm<T>(false, false, m, HMp, C, T(1), x + (b * d.N + i0) * C, C, p.a + b * C * HMp, HMp, T(0), s, HMp);
       } else {
         q_projection(d, x, q_w, q_b, b, i0, m, q);
       }
@@ -703,12 +659,12 @@ void attn_forward(const AttnDims& d, const T* x, const T* q_w, const T* q_b, con
           const bool first = j0 == 0;
           const T* kh = kvb + j0 * C2 + h * d.hd;
           T* sh = fold ? s + h * d.M : s;
-          if (!fold) blas_gemm<T>(false, true, m, n, d.hd, scale, q + h * d.hd, C, kh, C2, T(0), sh, n);
+          if (!fold) gemm<T>(false, true, m, n, d.hd, scale, q + h * d.hd, C, kh, C2, T(0), sh, n);
           softmax_block(sh, m, n, ld, p.ab ? p.ab + b * HM + h * d.M : nullptr, first, mx, sum, corr);
           if (!first)
             for (int64_t i = 0; i < m; ++i)
               for (int64_t c = 0; c < d.hd; ++c) oh[i * C + c] *= corr[i];
-          blas_gemm<T>(false, false, m, d.hd, n, T(1), sh, ld, kh + C, C2, T(first ? 0 : 1), oh, C);
+          gemm<T>(false, false, m, d.hd, n, T(1), sh, ld, kh + C, C2, T(first ? 0 : 1), oh, C);
         }
         T* lh = lse + (b * d.heads + h) * d.N + i0;
         for (int64_t i = 0; i < m; ++i) {
@@ -744,7 +700,7 @@ void attn_backward_fold(const AttnDims& d, int64_t chunks, const T* go, const T*
       for (int64_t blk = blk0; blk < blk1; ++blk) {
         const int64_t i0 = blk * d.bq, m = std::min(d.bq, d.N - i0), row = (b * d.N + i0) * C;
         const T *gob = go + row, *ob = o + row, *xb = x + row;
-        blas_gemm<T>(false, false, m, HMp, C, T(1), xb, C, p.a + b * C * HMp, HMp, T(0), s, HMp);  // S - ab
+        gemm<T>(false, false, m, HMp, C, T(1), xb, C, p.a + b * C * HMp, HMp, T(0), s, HMp);  // S - ab
         for (int64_t h = 0; h < d.heads; ++h) {
           const int64_t hc = h * d.hd;
           for (int64_t i = 0; i < m; ++i) {  // rowsum(dP * P) == rowsum(dO * O)
@@ -753,13 +709,13 @@ void attn_backward_fold(const AttnDims& d, int64_t chunks, const T* go, const T*
             dd[i] = acc;
           }
           T *sh = s + h * d.M, *gh = gp + h * d.M;
-          blas_gemm<T>(false, false, m, d.M, d.hd, T(1), gob + hc, C, p.vt + (b * C + hc) * d.M, d.M, T(0), gh, HMp);
+          gemm<T>(false, false, m, d.M, d.hd, T(1), gob + hc, C, p.vt + (b * C + hc) * d.M, d.M, T(0), gh, HMp);
           softmax_grad_block(sh, gh, m, d.M, HMp, p.ab ? p.ab + b * HM + h * d.M : nullptr,
                              lse + (b * d.heads + h) * d.N + i0, dd);
-          blas_gemm<T>(true, false, d.M, d.hd, m, T(1), sh, HMp, gob + hc, C, T(1), dkv + C + hc, C2);  // dv
+          gemm<T>(true, false, d.M, d.hd, m, T(1), sh, HMp, gob + hc, C, T(1), dkv + C + hc, C2);  // dv
         }
-        blas_gemm<T>(false, false, m, C, HMp, T(1), gp, HMp, p.at + b * HMp * C, C, T(0), gx + row, C);
-        blas_gemm<T>(true, false, C, HMp, m, T(1), xb, C, gp, HMp, T(blk > blk0 ? 1 : 0), da, HMp);
+        gemm<T>(false, false, m, C, HMp, T(1), gp, HMp, p.at + b * HMp * C, C, T(0), gx + row, C);
+        gemm<T>(true, false, C, HMp, m, T(1), xb, C, gp, HMp, T(blk > blk0 ? 1 : 0), da, HMp);
         for (int64_t i = 0; i < m; ++i)
           for (int64_t j = 0; j < HM; ++j) dab[j] += gp[i * HMp + j];
       }
@@ -779,8 +735,8 @@ void attn_grad_fold_sample(const AttnDims& d, int64_t b, const T* q_w, const T* 
   for (int64_t h = 0; h < d.heads; ++h) {
     const int64_t hc = h * d.hd;
     const T *dah = da + h * d.M, *kh = kv + b * d.M * C2 + hc;
-    blas_gemm<T>(true, true, d.M, d.hd, C, scale, dah, HMp, q_w + hc * C, C, T(0), dkv + hc, C2);
-    blas_gemm<T>(true, true, d.hd, C, d.M, scale, kh, C2, dah, HMp, T(0), dwq + hc * C, C);
+    gemm<T>(true, true, d.M, d.hd, C, scale, dah, HMp, q_w + hc * C, C, T(0), dkv + hc, C2);
+    gemm<T>(true, true, d.hd, C, d.M, scale, kh, C2, dah, HMp, T(0), dwq + hc * C, C);
     for (int64_t c = 0; c < d.hd; ++c) {
       double acc = 0;
       for (int64_t j = 0; j < d.M; ++j) {
@@ -826,15 +782,15 @@ void attn_backward(const AttnDims& d, int64_t chunks, const T* go, const T* x, c
             const int64_t n = std::min(d.mb, d.M - j0);
             const T *kh = kvb + j0 * C2 + hc, *vh = kh + C;
             T* dkh = dkv + j0 * C2 + hc;
-            blas_gemm<T>(false, true, m, n, d.hd, scale, q + hc, C, kh, C2, T(0), s, n);      // S
-            blas_gemm<T>(false, true, m, n, d.hd, T(1), gob + hc, C, vh, C2, T(0), gp, n);    // dP = dO V^T
+            gemm<T>(false, true, m, n, d.hd, scale, q + hc, C, kh, C2, T(0), s, n);      // S
+            gemm<T>(false, true, m, n, d.hd, T(1), gob + hc, C, vh, C2, T(0), gp, n);    // dP = dO V^T
             softmax_grad_block(s, gp, m, n, n, static_cast<const T*>(nullptr), lh, dd);  // P, dS / scale
-            blas_gemm<T>(false, false, m, d.hd, n, scale, gp, n, kh, C2, T(j0 ? 1 : 0), dq + hc, C);  // dq
-            blas_gemm<T>(true, false, n, d.hd, m, scale, gp, n, q + hc, C, T(1), dkh, C2);             // dk
-            blas_gemm<T>(true, false, n, d.hd, m, T(1), s, n, gob + hc, C, T(1), dkh + C, C2);         // dv
+            gemm<T>(false, false, m, d.hd, n, scale, gp, n, kh, C2, T(j0 ? 1 : 0), dq + hc, C);  // dq
+            gemm<T>(true, false, n, d.hd, m, scale, gp, n, q + hc, C, T(1), dkh, C2);             // dk
+            gemm<T>(true, false, n, d.hd, m, T(1), s, n, gob + hc, C, T(1), dkh + C, C2);         // dv
           }
         }
-        blas_gemm<T>(false, false, m, C, C, T(1), dq, C, q_w, C, T(0), gx + row, C);
+        gemm<T>(false, false, m, C, C, T(1), dq, C, q_w, C, T(0), gx + row, C);
         for (int64_t i = 0; i < m; ++i)
           for (int64_t c = 0; c < C; ++c) dqb[c] += dq[i * C + c];
       }
@@ -1069,7 +1025,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             attn_grad_fold_sample<T>(d, b, ptr<T>(q_w), ptr<T>(q_b), p.kv, da, dab.data(), out, dq_p + b * C * C,
                                      qb_part.data() + b * C);
           }
-          blas_gemm<T>(false, false, d.M, C, C2, T(1), out, C2, ptr<T>(kv_w), C, T(0),
+          gemm<T>(false, false, d.M, C, C2, T(1), out, C2, ptr<T>(kv_w), C, T(0),
                   g_red.mutable_data_ptr<T>() + b * d.M * C, C);
         }
       });

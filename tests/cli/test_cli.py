@@ -30,14 +30,14 @@ def test_bench_ops_and_models_table_json_markdown(tmp_path):
                 "--json", str(path), "--markdown", str(md))
     out = proc.stdout
     for word in ("vs eager", "vs compile", "% roofline", "fused vs eager", "dispatch overhead", "cpu threads 1",
-                 "ceilings measured now"):
+                 "ceilings measured now", "malloc "):
         assert word in out, word
     # the progress bar (tqdm or the plain one) goes to stderr and ends at jobs/jobs (tqdm may skip early updates)
     done = re.findall(r"\b(\d+)/(\d+)\b", proc.stderr)
     assert done and done[-1][0] == done[-1][1] != "0", proc.stderr[-300:]
     data = json.loads(path.read_text())
     assert data["threads"] == data["env"]["threads"] == data["ceilings"]["threads"] == 1
-    assert {"device_name", "torch", "triton", "python", "date"} <= set(data["env"])
+    assert {"device_name", "torch", "triton", "python", "date", "malloc"} <= set(data["env"])
     assert data["ceilings"]["bytes_per_s"] > 0 and data["ceilings"]["flops_per_s"] > 0
     assert data["errors"] == [] and data["skipped"] == []
     assert {(r["op"], r["mode"]) for r in data["results"]} == {
@@ -72,3 +72,27 @@ def test_bench_plot_writes_png(tmp_path):
     _run("bench", "--device", "cpu", "--ops", "shsa", "--mode", "eval fwd", "--batch", "1", "--reps", "1",
          "--threads", "1", "--plot", str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fresh_process_child_times_one_implementation():
+    """benchmarks/fresh_process.py: one measurement in its own process prints its median ms as JSON."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for kind, name, mode, impl in (("op", "shsa", "eval fwd", "fused"), ("op", "dwconv_bn", "train fwd+bwd", "eager"),
+                                   ("model", "S1", "infer batch", "fused")):
+        out = subprocess.run([sys.executable, "-m", "benchmarks.fresh_process", "--child", kind, name, mode, impl,
+                              "--threads", "1", "--batch", "1", "--model-batch", "1", "--reps", "2", "--warmup", "1",
+                              "--rounds", "1"], capture_output=True, text=True, env=env, timeout=600, check=True)
+        assert json.loads(out.stdout.strip().splitlines()[-1])["ms"] > 0
+
+
+def test_fresh_process_table_takes_medians_and_ratios(monkeypatch, tmp_path, capsys):
+    from benchmarks import fresh_process
+
+    times = iter([4.0, 3.0, 2.0, 40.0, 30.0, 20.0, 5.0, 3.0, 1.0])  # rounds of (eager, compile, fused)
+    monkeypatch.setattr(fresh_process, "measure", lambda *a: next(times))
+    md = tmp_path / "fresh.md"
+    monkeypatch.setattr(sys, "argv", ["fresh_process", "--ops", "shsa", "--rounds", "3", "--markdown", str(md)])
+    assert fresh_process.main() == 0
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| shsa"))
+    # medians: eager 5, compile 3, fused 2
+    assert row == "| shsa | eval fwd | 5.000 | 3.000 | 2.000 | 2.50x | 1.50x |", row
