@@ -2,10 +2,12 @@
 
 Each (case, implementation) runs in its own fresh Python process with glibc's allocator left at its defaults,
 builds its module the way the CLI bench does (same seeded weights, BN statistics randomised), warms up and times a
-plain loop on one input: no input rotation, no float64 check, nothing freed before that could move glibc's mmap
-threshold. The CLI bench instead holds freed memory in the heap for its whole run (`roofline.hold_freed_memory`),
-where stock's per-call temporaries no longer page-fault; the two differ most for ops that allocate many large
-temporaries per call. Correctness is the CLI bench's and the tests' job, not this script's.
+plain loop on one input: no input rotation, no float64 check. What glibc then does is what a script running that
+module alone gets: its dynamic mmap / trim thresholds adapted to the blocks the build, the compile and the warm-up
+freed (different for each implementation). The CLI bench instead holds freed memory in the heap for its whole run
+(`roofline.hold_freed_memory`), where stock's per-call temporaries no longer page-fault; the two differ most for
+ops that allocate many large temporaries per call. Timing: roofline.time_ms (median of --reps calls, fewer once a
+cell has run 2 s). Correctness is the CLI bench's and the tests' job, not this script's.
 
     python -m benchmarks.fresh_process --ops shsa ffn --models S4 --markdown benchmarks/results/<name>.md
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import pathlib
 import shlex
 import subprocess
 import sys
@@ -21,6 +24,7 @@ import time
 
 import torch
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the children import `benchmarks` from here
 OP_IMPLS = ("eager", "compile", "fused")
 RATIOS = (("fused", "eager"), ("fused", "compile"), ("fused+compile", "compile"))  # (numerator's speed, vs)
 
@@ -65,8 +69,8 @@ def measure(args: argparse.Namespace, kind: str, name: str, mode: str, impl: str
     cmd = [sys.executable, "-m", "benchmarks.fresh_process", "--child", kind, name, mode, impl,
            "--threads", str(args.threads), "--batch", str(args.batch), "--model-batch", str(args.model_batch),
            "--reps", str(args.reps if kind == "op" else args.model_reps), "--warmup", str(args.warmup)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode:
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode or not out.stdout.strip():
         print(f"  {kind} {name} {mode} {impl}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
         return None
     return json.loads(out.stdout.strip().splitlines()[-1])["ms"]

@@ -169,7 +169,7 @@ def _bench(args: argparse.Namespace) -> int:
     malloc = None
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-        malloc = roofline.hold_freed_memory() if args.malloc == "held" else "glibc defaults"
+        malloc = roofline.hold_freed_memory() if args.malloc == "held" else "process defaults (--malloc default)"
     if args.record_auto:
         from . import autotable
         print(f"recording auto's table ({autotable.path()}) for {autotable.device_name(device)}: eval forward, "
@@ -308,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--model-reps", type=int, default=5, help="timed calls per model case on the CPU")
     b.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     b.add_argument("--malloc", choices=["held", "default"], default="held",
-                   help="CPU: held = glibc keeps freed memory in the heap for the whole run, so no case's time depends "
-                        "on what ran before (default); default = glibc's own thresholds (see roofline.py)")
+                   help="CPU: held = glibc keeps freed memory in the heap for the whole run, so freed blocks up to 32 MiB "
+                        "are reused, not page-faulted in again, whatever ran before (default); default = the "
+                        "process's own malloc settings (see roofline.py)")
     b.add_argument("--reps", type=int, default=20, help="timed calls per op case on the CPU")
     b.add_argument("--budget-s", type=float, help="start no case after this many seconds (listed as skipped)")
     b.add_argument("--progress", action=argparse.BooleanOptionalAction,

@@ -7,9 +7,11 @@ same run, the work each op must do counted from its shape, and the % of the roof
 - CPU allocator: PyTorch's CPU tensors come from glibc malloc, which by default hands blocks above a threshold
   back to the kernel on free, so a call that allocates them page-faults (and zero-fills) every time; the
   threshold moves with what the process freed before, so the same call can take several times as long in a
-  fresh script as after a larger allocation was freed (README, "CPU allocator"). The CLI therefore holds freed memory in the heap for the whole run
-  (`hold_freed_memory`, its `--malloc held` default), so every case meets the same allocator whatever ran before;
-  `benchmarks/fresh_process.py` times each implementation in a fresh process with glibc's defaults instead.
+  fresh script as after a larger allocation was freed (README, "CPU allocator"). The CLI therefore holds freed
+  memory in the heap for the whole run (`hold_freed_memory`, its `--malloc held` default), so glibc no longer
+  hands freed blocks up to 32 MiB back to the kernel, whatever ran before (a fragmented heap can still grow and
+  fault in new pages); `benchmarks/fresh_process.py` times each
+  implementation in a fresh process with glibc's defaults instead.
 - Ceilings (the fastest of a few calls): a copy 4x the last-level cache (bytes read + bytes written over the time)
   for bandwidth, a random matrix product for FLOP/s (in the run's dtype on the GPU; fp32 on the CPU).
 - Cost: FLOPs and the fewest bytes an op must move (each input and weight read once, each output written once).
@@ -64,16 +66,20 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX = -1, -3, 32 * 2**20
 
 def hold_freed_memory() -> str:
     """Make glibc keep freed memory in the heap from now on (mmap only above 32 MiB, never trim the heap's top), so
-    that CPU timings do not depend on what the process allocated before (see the module doc). Returns what was
-    done, for the run's header."""
+    that freed blocks up to 32 MiB are reused instead of being handed back to the kernel and page-faulted in again
+    (see the module doc; larger blocks are still mmapped per call). Returns what was done, for the run's header."""
     import ctypes
     import platform
 
     if platform.libc_ver()[0] != "glibc":
         return "libc defaults (not glibc)"
     libc = ctypes.CDLL(None)
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    return "held (glibc mmap threshold 32 MiB, no trim)" if ok else "glibc defaults (mallopt refused)"
+    mmap_ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) == 1
+    trim_ok = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    if mmap_ok and trim_ok:
+        return "held (glibc mmap threshold 32 MiB, no trim)"
+    return f"glibc, partly held (mmap threshold {'32 MiB' if mmap_ok else 'unchanged'}, " \
+           f"trim {'off' if trim_ok else 'unchanged'})"
 
 
 def _call_ms(fn: Callable[[], object]) -> float:

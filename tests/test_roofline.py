@@ -43,14 +43,18 @@ def test_rotation_exceeds_the_cache_within_bounds():
 
 
 _FAULTS = """
-import resource, sys, torch
+import ctypes, resource, sys
 from shvit_kernels.roofline import hold_freed_memory
-torch.set_num_threads(1)
 if sys.argv[1] == "held":
     print(hold_freed_memory())
-def loop():  # three 4 MiB tensors written and freed: what an op's temporaries do on every call
-    ts = [torch.empty(2**20).fill_(1.0) for _ in range(3)]
-    del ts
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+def loop():  # three 4 MiB blocks written and freed: what an op's temporaries do on every call
+    ps = [libc.malloc(4 << 20) for _ in range(3)]
+    for p in ps:
+        ctypes.memset(p, 1, 4 << 20)
+    for p in ps:
+        libc.free(p)
 loop(); loop()
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
@@ -61,8 +65,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_held_freed_memory_stops_per_call_page_faults():
-    """The CLI's `--malloc held`: freed tensors stay in the heap, so repeated calls stop page-faulting them in
-    (glibc's defaults hand the 12 MiB back on every free here)."""
+    """The CLI's `--malloc held` takes effect: freed blocks stay in the heap, so repeated calls stop page-faulting
+    them in (glibc's defaults hand the 12 MiB back on every free here). Through torch's allocator the count varies
+    from process to process (heap fragmentation), so the check is on malloc itself."""
     import subprocess
     import sys
 

@@ -1,4 +1,4 @@
-// Helpers shared by the C++ CPU kernels (shsa.cpp, ffn.cpp, sra.cpp): ATen GEMMs on raw buffers, deterministic
+// Helpers shared by the C++ CPU kernels (shsa.cpp, ffn.cpp, pw_conv_bn.cpp, sra.cpp): GEMMs on raw buffers, deterministic
 // parallel tasks, SIMD sums, per-channel moments and their fixed-order combination, per-thread scratch.
 //
 // Everything sits in an anonymous namespace on purpose: each kernel file gets its own copy, compiled with its own
@@ -45,21 +45,22 @@ constexpr int64_t kAlign = 16;        // scratch pieces start on 64-byte boundar
 // Not at::addmm: the kernels make hundreds of small calls per op, where wrapping the buffers in tensors and
 // dispatching costs microseconds each. Plain fp32 products go to oneDNN's JIT brgemm (single-threaded; AVX-512,
 // ~30% faster than MKL's AVX2 path on AMD on these shapes), the rest to the BLAS torch links (single-threaded
-// inside a parallel task), or to at::addmm where torch exports none. Callers run their GEMMs inside tasks.
+// inside a parallel task), or to at::addmm where torch exports none (and for k = 0). Callers run their GEMMs inside
+// tasks.
 template <typename T>
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const T* a, int64_t lda, const T* b,
           int64_t ldb, double beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   constexpr bool f32 = std::is_same_v<T, float>;
 #ifdef CPUBLAS_BRGEMM_F32F32F32
-  if (f32 && !ta && !tb && alpha == 1.0 && (beta == 0.0 || beta == 1.0)) {
+  if (f32 && !ta && !tb && alpha == 1.0 && (beta == 0.0 || beta == 1.0) && k > 0) {
     at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, beta == 1.0, reinterpret_cast<const float*>(a),
                                 reinterpret_cast<const float*>(b), reinterpret_cast<float*>(c));
     return;
   }
 #endif
   const bool blas = f32 ? sgemm_ != nullptr : dgemm_ != nullptr;
-  if (blas && std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX) {
+  if (blas && k > 0 && std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX) {
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
     const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
     const int M = int(n), N = int(m), K = int(k), LDA = int(ldb), LDB = int(lda), LDC = int(ldc);
@@ -271,23 +272,27 @@ at::Tensor buffer(int64_t n) {
 // order on one thread (a local variable).
 template <typename T>
 class Scratch {
+  static_assert(kAlign * sizeof(T) % 64 == 0, "pieces must stay on 64-byte boundaries");
+
  public:
   explicit Scratch(std::initializer_list<int64_t> sizes) {
     int64_t total = 0;
     for (int64_t s : sizes) total += round_up(s);
+    pieces_.reserve(sizes.size());  // (nothing below throws once the arena piece is taken)
     bytes_ = static_cast<size_t>(total) * sizeof(T);
-    T* p = static_cast<T*>(arena_acquire(bytes_));
-    if (!p) {
+    T* p = bytes_ ? static_cast<T*>(arena_acquire(bytes_)) : nullptr;
+    from_arena_ = p != nullptr;
+    if (!p && bytes_) {
       own_ = buffer<T>(total);
       p = own_.mutable_data_ptr<T>();
     }
     for (int64_t s : sizes) {
       pieces_.push_back(p);
-      p += round_up(s);
+      if (p) p += round_up(s);
     }
   }
   ~Scratch() {
-    if (!own_.defined()) arena_release(bytes_);
+    if (from_arena_) arena_release(bytes_);
   }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
@@ -296,6 +301,7 @@ class Scratch {
  private:
   static int64_t round_up(int64_t s) { return (s + kAlign - 1) / kAlign * kAlign; }
   size_t bytes_;
+  bool from_arena_;
   at::Tensor own_;
   std::vector<T*> pieces_;
 };

@@ -11,7 +11,7 @@ namespace shvit::cpu {
 // The largest block a thread keeps (per thread, for the life of the thread); larger requests are not served.
 constexpr size_t kArenaMaxBytes = size_t(64) << 20;
 
-// `bytes` (a multiple of 64) of this thread's block, 64-byte aligned, or nullptr when it cannot serve them now
+// `bytes` (a positive multiple of 64) of this thread's block, 64-byte aligned, or nullptr when it cannot serve them now
 // (over kArenaMaxBytes, or an outer piece is still held and the rest of the block is too small: the block then
 // grows the next time it is empty). Pieces must be released in reverse order, by the thread that took them.
 void* arena_acquire(size_t bytes);
