@@ -38,20 +38,33 @@ def _hooks(model):
     return [h for h in model._forward_pre_hooks.values() if h is _to_channels_last]
 
 
+def _input_grad(model, x, g=None):
+    x = x.clone().requires_grad_()
+    y = model(x)
+    g = torch.randn_like(y) if g is None else g
+    y.backward(g)
+    return y, x.grad, g
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_nchw_input_runs_channels_last_with_stock_outputs(train):
     stock = _stock().train(train)
     fused = sk.convert(copy.deepcopy(stock)).train(train)
-    x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
+    stock_cl = copy.deepcopy(stock)
+    x = torch.randn(4, 3, 64, 48, dtype=torch.float64)  # the head's BatchNorm1d on 2 images is degenerate
     assert x.is_contiguous()
-    xs, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ys, yf = stock(xs), fused(xf)
+    ys, gs, g = _input_grad(stock, x)
+    yf, gf, _ = _input_grad(fused, x, g)
     torch.testing.assert_close(yf, ys, rtol=1e-10, atol=1e-10)
-    g = torch.randn_like(ys)
-    ys.backward(g)
-    yf.backward(g)
-    torch.testing.assert_close(xf.grad, xs.grad, rtol=1e-10, atol=1e-10)
-    assert xf.grad.is_contiguous()  # the input's gradient keeps the input's layout
+    # Training-mode BatchNorms on small maps amplify rounding in the input gradient (stock itself, run channels_last,
+    # differs from stock NCHW; on 2 images by up to 5e-8 of the gradient's scale). That difference is the rounding
+    # floor; the fused model must stay within a few times it. On 4 images the floor stays near 1e-12 of the scale,
+    # where one float32 rounding of the output gradient alone lands >50x outside the tolerance.
+    floor = (_input_grad(stock_cl, x.contiguous(memory_format=torch.channels_last), g)[1] - gs).abs().max().item()
+    scale = gs.abs().max().item()
+    assert floor <= 1e-10 * scale, (floor, scale)  # the floor is rounding, not a broken stock run
+    torch.testing.assert_close(gf, gs, rtol=0, atol=1e-10 * scale + 4 * floor)
+    assert gf.is_contiguous()  # the input's gradient keeps the input's layout
     with torch.no_grad():
         seen = _ffn_input_layouts(copy.deepcopy(fused), x)
     assert seen and all(seen)

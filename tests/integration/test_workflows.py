@@ -173,10 +173,13 @@ def test_autocast_matches_stock_under_autocast(backend, dtype, train):
 def _assert_float64_equal(fused: dict, stock: dict, what: str = "") -> None:
     """float64: the oracle is the stock model itself, so DESIGN.md's rule leaves only rounding: each tensor within
     1e-8 of its largest |value| (rounding through a whole network in training, where the BatchNorms' batch statistics
-    amplify it, reaches ~1e-10 of it; one float32 rounding anywhere would show as ~1e-7); integers exactly."""
+    amplify it, reaches ~1e-10 of it; one float32 rounding anywhere would show as ~1e-7) plus 1e-12 of the largest
+    |value| of all (a tensor that is mathematically zero, as the bias gradient of a BatchNorm feeding a training-mode
+    BatchNorm, holds only rounding residue, ~1e-14 of it); integers exactly."""
     assert fused.keys() == stock.keys()
+    scale = max(v.abs().max().item() for v in stock.values() if v.is_floating_point() and v.numel())
     for k, want in stock.items():
-        atol = 1e-8 * want.abs().max().item() + 1e-14 if want.is_floating_point() else 0
+        atol = 1e-8 * want.abs().max().item() + 1e-12 * scale if want.is_floating_point() else 0
         torch.testing.assert_close(fused[k], want, rtol=0, atol=atol, msg=lambda m, k=k: f"{what}{k}: {m}")
 
 
@@ -188,8 +191,9 @@ def test_channels_last_model_and_input(backend, train):
     """model.to(memory_format=channels_last) with a channels_last input: logits, input and parameter gradients and
     BN buffers equal the stock model's (float64), and every gradient has the stock gradient's memory format."""
     stock, fused = (m.to(memory_format=torch.channels_last) for m in _pair(torch.float64))
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    proj = torch.randn(2, 5, dtype=torch.float64)
+    # 4 images: on 2 the head's BatchNorm1d is near-degenerate and amplifies rounding in the input gradient to ~1e-7
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    proj = torch.randn(4, 5, dtype=torch.float64)
     res_s, res_f = _run(stock, x, proj, train), _run(fused, x, proj, train, backend)
     _assert_float64_equal(res_f, res_s)
     for k, v in res_s.items():
