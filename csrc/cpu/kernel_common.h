@@ -92,16 +92,42 @@ void parallel_tasks(int64_t n, const F& f) {
   });
 }
 
-// out (m x n) = a (m x k) @ b^T (b: n x k), both with row stride ld: a weight gradient summed over the whole
-// batch. Equal chunks of output rows, fixed by m, are the parallel tasks, so each element's sum order is the
-// same for any thread count; they are large because tall GEMMs run faster (168 rows: ~10% over 64).
+// One weight gradient of gemm_nt_batches: out (m x n) = a (m x k) @ b^T (b: n x k), a and b with row stride ld.
 template <typename T>
-void gemm_nt_batch(int64_t m, int64_t n, int64_t k, const T* a, const T* b, int64_t ld, T* out) {
-  const int64_t chunks = (m + kGradRows - 1) / kGradRows, per = (m + chunks - 1) / chunks;
-  parallel_tasks(chunks, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t r0 = c * per, rows = std::min(per, m - r0);
-      gemm<T>(false, true, rows, n, k, 1.0, a + r0 * ld, ld, b, ld, 0.0, out + r0 * n, n);
+struct NtProduct {
+  int64_t m, n;
+  const T *a, *b;
+  T* out;
+};
+
+// Weight gradients summed over the whole batch (k = its tokens), in one parallel region. Each product is cut into
+// equal chunks of output rows, fixed by m (at least two, at most kGradRows rows each: tall GEMMs run faster, 168
+// rows ~10% over 64), so each element's sum order is the same for any thread count. The chunks are dealt
+// round-robin across the products, so that a small product's chunks share the threads with a large one's instead
+// of leaving all but one thread waiting.
+template <typename T>
+void gemm_nt_batches(std::initializer_list<NtProduct<T>> products, int64_t k, int64_t ld) {
+  struct Chunk {
+    const NtProduct<T>* p;
+    int64_t r0, rows;
+  };
+  std::vector<std::vector<Chunk>> per_product;
+  for (const NtProduct<T>& p : products) {
+    const int64_t chunks = std::max<int64_t>(2, (p.m + kGradRows - 1) / kGradRows), per = (p.m + chunks - 1) / chunks;
+    auto& cs = per_product.emplace_back();
+    for (int64_t r0 = 0; r0 < p.m; r0 += per) cs.push_back({&p, r0, std::min(per, p.m - r0)});
+  }
+  size_t most = 0;
+  for (const auto& cs : per_product) most = std::max(most, cs.size());
+  std::vector<Chunk> tasks;
+  for (size_t i = 0; i < most; ++i)
+    for (const auto& cs : per_product)
+      if (i < cs.size()) tasks.push_back(cs[i]);
+  parallel_tasks(int64_t(tasks.size()), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Chunk& c = tasks[t];
+      gemm<T>(false, true, c.rows, c.p->n, k, 1.0, c.p->a + c.r0 * ld, ld, c.p->b, ld, 0.0, c.p->out + c.r0 * c.p->n,
+              c.p->n);
     }
   });
 }

@@ -496,6 +496,13 @@ class Backward {
     ZH = train ? p : nullptr;
     p += train ? d.O * ld : 0;
     PR = keeps_probs(d, train) ? p : nullptr;
+    p += keeps_probs(d, train) ? d.B * d.N * d.N : 0;
+    // proj_w^T and qkv_w^T: the input-gradient GEMMs then take plain operands (oneDNN's brgemm for fp32).
+    for (auto [w, rows, cols, wt] : {std::tuple{proj_w, d.C, d.C, &proj_wt}, std::tuple{qkv_w, d.O, d.P, &qkv_wt}}) {
+      *wt = p, p += rows * cols;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) (*wt)[c * rows + r] = w[r * cols + c];
+    }
     gn_mean.resize(d.B);
     gn_rstd.resize(d.B);
     for (auto* v : {&proj_s1, &proj_s2}) v->assign(d.B * d.C, 0.0);
@@ -525,10 +532,9 @@ class Backward {
     }
   }
 
-  // Weight gradients: one GEMM each over the whole batch.
+  // Weight gradients: one GEMM each over the whole batch, in one parallel region.
   void weight_grads(T* g_qkv_w, T* g_proj_w) const {
-    gemm_nt_batch(d.C, d.C, ld, GP, U, ld, g_proj_w);
-    gemm_nt_batch(d.O, d.P, ld, GA, NB, ld, g_qkv_w);
+    gemm_nt_batches<T>({{d.C, d.C, GP, U, g_proj_w}, {d.O, d.P, GA, NB, g_qkv_w}}, ld, ld);
   }
 
   std::vector<double> gn_s1, gn_s2;                      // per-sample sums of gn and gn * xhat per channel
@@ -550,6 +556,7 @@ class Backward {
   const Scratch<T> store;  // the buffers below
   T *U, *GP, *NB, *A, *GA, *ZH;  // relu'd concat, proj grad (train: zhat first), GN out, qkv, qkv grad, qkv zhat
   T* PR;                         // training with one query block per sample: sample b's probabilities at b * N * N
+  T *proj_wt, *qkv_wt;           // proj_w^T (C x C), qkv_w^T (P x O)
   std::vector<T> gn_mean, gn_rstd;
   std::vector<double> proj_s1, proj_s2, qkv_s1, qkv_s2;  // per-sample partial sums
 
@@ -557,7 +564,7 @@ class Backward {
   static bool keeps_probs(const Dims& d, bool train) { return train && d.blocks() == 1; }
   static int64_t store_size(const Dims& d, bool train) {
     const int64_t rows = 2 * d.C + d.P + (train ? 3 : 2) * d.O;
-    return rows * d.B * d.N + (keeps_probs(d, train) ? d.B * d.N * d.N : 0);
+    return rows * d.B * d.N + (keeps_probs(d, train) ? d.B * d.N * d.N : 0) + d.C * d.C + d.O * d.P;
   }
 
   template <typename F>
@@ -626,7 +633,7 @@ class Backward {
         batch_norm_backward(gy + b * d.C * N, N, GP + b * N, ld, GP + b * N, ld, d.C, N, pn, proj_gb, proj_gw,
                             d.B * N);
     T* gu = s[0];
-    gemm<T>(true, false, d.C, w, d.C, 1.0, proj_w, d.C, GP + col, ld, 0.0, gu, w);
+    gemm<T>(false, false, d.C, w, d.C, 1.0, proj_wt, d.C, GP + col, ld, 0.0, gu, w);
     for (int64_t b = sp.b0; b < sp.b1; ++b) {
       // ReLU backward: go (rows < P) stays in gu; the x2 rows are gx's (+ gy).
       T* gus = gu + (b - sp.b0) * N;
@@ -657,7 +664,7 @@ class Backward {
     T* gz = GA + col;
     if (train) batch_norm_backward(gz, ld, ZH + col, ld, gz, ld, d.O, w, qn, qkv_gb, qkv_gw, d.B * N);
     T* gn = s[0];  // gradient of GroupNorm's output
-    gemm<T>(true, false, d.P, w, d.O, 1.0, qkv_w, d.P, gz, ld, 0.0, gn, w);
+    gemm<T>(false, false, d.P, w, d.O, 1.0, qkv_wt, d.O, gz, ld, 0.0, gn, w);
     for (int64_t b = sp.b0; b < sp.b1; ++b) {
       const T* gns = gn + (b - sp.b0) * N;
       const T* x1 = x + b * d.C * N;
