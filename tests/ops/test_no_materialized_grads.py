@@ -1,8 +1,8 @@
 """The training ops return extra outputs besides y (batch statistics; the pre-BN activations the C++ kernels keep
 for the backward; SRA's log-sum-exp). They are non-differentiable, and autograd must not zero-fill gradients for
 them before calling the backward (for the FFN at 16x224x16x16 that was a 9 MB memset, 1.6 ms of each training
-step). Checked on every bench case's fused module in training: the backward zero-fills no tensor shaped like an
-extra output of a `shvit::` op of the forward (which it did before ctx.set_materialize_grads(False)). A backward
+step). Checked on every bench case's fused module in training: outside the shvit:: ops, the backward zero-fills no
+tensor shaped like an extra output of a `shvit::` op of the forward (which it did before ctx.set_materialize_grads(False)). A backward
 called with no gradient for y at all returns none (gradcheck's undefined-gradient check, in each op's tests)."""
 import pytest
 import torch
@@ -29,6 +29,16 @@ class _ExtraOutputs(TorchDispatchMode):
         return out
 
 
+def _inside_shvit_op(event) -> bool:
+    """Whether a profiler event ran inside a shvit:: op (a kernel may zero its own buffers; autograd's
+    materialized gradients are made outside, before the backward op runs)."""
+    while event is not None:
+        if event.name.startswith("shvit::"):
+            return True
+        event = event.cpu_parent
+    return False
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", list(CASES))
 def test_backward_zero_fills_no_extra_output(op, backend):
@@ -41,7 +51,8 @@ def test_backward_zero_fills_no_extra_output(op, backend):
         assert extras.shapes, "no shvit:: op with extra outputs ran"
         with torch.profiler.profile(record_shapes=True) as prof:
             y.backward(torch.randn_like(y))
-    filled = [tuple(e.input_shapes[0]) for e in prof.events() if e.name == "aten::zero_" and e.input_shapes]
+    filled = [tuple(e.input_shapes[0]) for e in prof.events()
+              if e.name in ("aten::zero_", "aten::fill_") and e.input_shapes and not _inside_shvit_op(e)]
     assert not extras.shapes & set(filled), (extras.shapes, filled)
     assert x.grad is not None and x.grad.abs().sum() > 0
 
