@@ -111,18 +111,18 @@ void gemm_nt_batches(std::initializer_list<NtProduct<T>> products, int64_t k, in
     const NtProduct<T>* p;
     int64_t r0, rows;
   };
-  std::vector<std::vector<Chunk>> per_product;
-  for (const NtProduct<T>& p : products) {
-    const int64_t chunks = std::max<int64_t>(2, (p.m + kGradRows - 1) / kGradRows), per = (p.m + chunks - 1) / chunks;
-    auto& cs = per_product.emplace_back();
-    for (int64_t r0 = 0; r0 < p.m; r0 += per) cs.push_back({&p, r0, std::min(per, p.m - r0)});
+  const auto rows_per_chunk = [](int64_t m) {
+    const int64_t chunks = std::max<int64_t>(2, (m + kGradRows - 1) / kGradRows);
+    return (m + chunks - 1) / chunks;
+  };
+  std::vector<Chunk> tasks;  // chunk i of every product, then chunk i + 1, ...
+  for (int64_t i = 0, more = 1; more; ++i) {
+    more = 0;
+    for (const NtProduct<T>& p : products) {
+      const int64_t per = rows_per_chunk(p.m), r0 = i * per;
+      if (r0 < p.m) tasks.push_back({&p, r0, std::min(per, p.m - r0)}), more = 1;
+    }
   }
-  size_t most = 0;
-  for (const auto& cs : per_product) most = std::max(most, cs.size());
-  std::vector<Chunk> tasks;
-  for (size_t i = 0; i < most; ++i)
-    for (const auto& cs : per_product)
-      if (i < cs.size()) tasks.push_back(cs[i]);
   parallel_tasks(int64_t(tasks.size()), [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const Chunk& c = tasks[t];
@@ -307,7 +307,6 @@ class Scratch {
     pieces_.reserve(sizes.size());  // (nothing below throws once the arena piece is taken)
     bytes_ = static_cast<size_t>(total) * sizeof(T);
     T* p = bytes_ ? static_cast<T*>(arena_acquire(bytes_)) : nullptr;
-    from_arena_ = p != nullptr;
     if (!p && bytes_) {
       own_ = buffer<T>(total);
       p = own_.mutable_data_ptr<T>();
@@ -318,7 +317,7 @@ class Scratch {
     }
   }
   ~Scratch() {
-    if (from_arena_) arena_release(bytes_);
+    if (bytes_ && !own_.defined()) arena_release(bytes_);  // the piece came from the arena
   }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
@@ -327,7 +326,6 @@ class Scratch {
  private:
   static int64_t round_up(int64_t s) { return (s + kAlign - 1) / kAlign * kAlign; }
   size_t bytes_;
-  bool from_arena_;
   at::Tensor own_;
   std::vector<T*> pieces_;
 };

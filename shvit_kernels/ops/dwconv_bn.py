@@ -10,6 +10,7 @@ from torch import Tensor
 from .. import backends
 from ..reference import dwconv_bn as ref
 from ..reference.ffn import memory_format
+from ._autograd import mark_extra_outputs, none_without_grad
 from ._checks import autocast, check_same_device, check_same_dtype, check_tensor, empty_result
 
 OP = "dwconv_bn"
@@ -103,15 +104,13 @@ def _(grad_y, x, weight, bn_weight, mean, var, y, eps, stride, residual, relu):
 def _train_setup(ctx, inputs, output):
     x, weight, bn_weight, _, eps, stride, residual, relu = inputs
     y, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs above
+    mark_extra_outputs(ctx, mean, var)
     ctx.args = (eps, stride, residual, relu)
     ctx.save_for_backward(x, weight, bn_weight, mean, var, y)
 
 
+@none_without_grad
 def _train_backward(ctx, grad_y, _grad_mean, _grad_var):
-    if grad_y is None:  # the output was not used: nothing flows back (grads are not materialized)
-        return (None,) * len(ctx.needs_input_grad)
     x, weight, bn_weight, mean, var, y = ctx.saved_tensors
     gx, gw, gbw, gbb = _dwconv_bn_train_backward(grad_y.contiguous(memory_format=memory_format(y)), x, weight, bn_weight,
                                                  mean, var, y, *ctx.args)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import ffn as ref
+from ._autograd import mark_extra_outputs, none_without_grad
 from ._checks import autocast, check_same_device, check_same_dtype, check_tensor, empty_result
 
 OP = "ffn"
@@ -101,15 +102,13 @@ def _(grad_y, x, w1, bn1_w, bn1_b, eps1, w2, bn2_w, bn2_b, *stats_and_saved):
 def _train_setup(ctx, inputs, output):
     x, w1, bn1_w, bn1_b, eps1, w2, bn2_w, bn2_b, eps2 = inputs
     _, *saved = output  # batch statistics, z1 and z2
-    ctx.mark_non_differentiable(*saved)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs above
+    mark_extra_outputs(ctx, *saved)
     ctx.eps = eps1, eps2
     ctx.save_for_backward(x, w1, bn1_w, bn1_b, w2, bn2_w, bn2_b, *saved)
 
 
+@none_without_grad
 def _train_backward(ctx, grad_y, *_grad_saved):
-    if grad_y is None:  # the output was not used: nothing flows back (grads are not materialized)
-        return (None,) * len(ctx.needs_input_grad)
     x, w1, bn1_w, bn1_b, w2, bn2_w, bn2_b, *saved = ctx.saved_tensors
     eps1, eps2 = ctx.eps
     gx, gw1, g1w, g1b, gw2, g2w, g2b = _ffn_train_backward(

@@ -12,6 +12,7 @@ from torch import Tensor
 from .. import backends
 from ..reference import pw_conv_bn as ref
 from ..reference.ffn import memory_format
+from ._autograd import mark_extra_outputs, none_without_grad
 from ._checks import autocast, check_same_device, check_same_dtype, check_tensor, empty_result
 
 OP = "pw_conv_bn"
@@ -111,15 +112,13 @@ def _(grad_y, x, w, bn_w, bn_b, eps, gate, relu, mean, var, z):
 def _train_setup(ctx, inputs, output):
     x, w, bn_w, bn_b, eps, gate, relu = inputs
     _, *saved = output  # batch statistics and z
-    ctx.mark_non_differentiable(*saved)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs above
+    mark_extra_outputs(ctx, *saved)
     ctx.eps, ctx.relu, ctx.has_gate = eps, relu, gate is not None
     ctx.save_for_backward(x, w, bn_w, bn_b, gate, *saved)
 
 
+@none_without_grad
 def _train_backward(ctx, grad_y, *_grad_saved):
-    if grad_y is None:  # the output was not used: nothing flows back (grads are not materialized)
-        return (None,) * len(ctx.needs_input_grad)
     x, w, bn_w, bn_b, gate, mean, var, z = ctx.saved_tensors
     gx, gw, gbn_w, gbn_b, ggate = _pw_train_backward(grad_y.contiguous(memory_format=memory_format(x)), x, w, bn_w,
                                                      bn_b, ctx.eps, gate, ctx.relu, mean, var, z)

@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import backends
 from ..reference import shsa as ref
 from ..reference.ffn import memory_format
+from ._autograd import mark_extra_outputs, none_without_grad
 from ._checks import autocast, check_same_device, check_same_dtype, check_tensor, empty_result
 
 OP = "shsa"
@@ -140,15 +141,13 @@ def _(grad_y, x, gn_w, gn_b, gn_eps, qkv_w, qkv_bn_w, qkv_bn_b, qkv_eps, proj_w,
 
 def _train_setup(ctx, inputs, output):
     _, *stats = output
-    ctx.mark_non_differentiable(*stats)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs above
+    mark_extra_outputs(ctx, *stats)
     ctx.inputs = tuple(t if not isinstance(t, Tensor) else None for t in inputs)
     ctx.save_for_backward(*(t for t in inputs if isinstance(t, Tensor)), *stats)
 
 
+@none_without_grad
 def _train_backward(ctx, grad_y, *_grad_stats):
-    if grad_y is None:  # the output was not used: nothing flows back (grads are not materialized)
-        return (None,) * len(ctx.needs_input_grad)
     saved = ctx.saved_tensors
     stats = saved[-5:]  # the four statistics and kept
     ctx_inputs = iter(saved[:-5])

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .. import backends
 from ..reference import sra as ref
+from ._autograd import mark_extra_outputs, none_without_grad
 from ._checks import autocast, check_same_device, check_same_dtype, check_tensor, check_tokens, empty_result
 
 OP = "sra"
@@ -102,16 +103,14 @@ def _(g_o, x, red, q_w, q_b, kv_w, kv_b, o, lse, num_heads, scale):
 def _attention_setup(ctx, inputs, output):
     x, red, q_w, q_b, kv_w, kv_b, num_heads, scale = inputs
     o, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the outputs above
+    mark_extra_outputs(ctx, lse)
     ctx.options = (num_heads, scale)
     ctx.has_bias = (q_b is not None, kv_b is not None)
     ctx.save_for_backward(x, red, q_w, q_b, kv_w, kv_b, o, lse)
 
 
+@none_without_grad
 def _attention_grad(ctx, g_o, _g_lse):
-    if g_o is None:  # the output was not used: nothing flows back (grads are not materialized)
-        return (None,) * len(ctx.needs_input_grad)
     x, red, q_w, q_b, kv_w, kv_b, o, lse = ctx.saved_tensors
     gx, g_red, g_qw, g_qb, g_kvw, g_kvb = _attention_backward(g_o.contiguous(), x, red, q_w, q_b, kv_w, kv_b, o,
                                                              lse, *ctx.options)

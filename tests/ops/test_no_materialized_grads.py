@@ -1,8 +1,8 @@
 """The training ops return extra outputs besides y (batch statistics; the pre-BN activations the C++ kernels keep
 for the backward; SRA's log-sum-exp). They are non-differentiable, and autograd must not zero-fill gradients for
-them before calling the backward (for the FFN at 16x224x16x16 that was a 9 MB memset, 1.6 ms of each training
-step). Checked on every bench case's fused module in training: outside the shvit:: ops, the backward zero-fills no
-tensor shaped like an extra output of a `shvit::` op of the forward (which it did before ctx.set_materialize_grads(False)). A backward
+them before calling the backward (for the FFN at 16x224x16x16, z1 and z2: an 11 MB memset per training step).
+Checked on every bench case's fused module in training: outside the shvit:: ops, the backward zero-fills no tensor
+shaped like an extra output of a `shvit::` op of the forward (ops/_autograd.py: mark_extra_outputs). A backward
 called with no gradient for y at all returns none (gradcheck's undefined-gradient check, in each op's tests)."""
 import pytest
 import torch
