@@ -6,9 +6,6 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
-#include <cstdlib>
-#include <string>
-
 #include "dwconv_bn_kernels.h"
 
 namespace shvit::cpu {
@@ -18,42 +15,6 @@ using detail::EvalArgs;
 using detail::Geom;
 using detail::TrainBwdArgs;
 using detail::TrainFwdArgs;
-
-enum class Isa { kBase, kAvx2, kAvx512 };
-
-// The best instruction set the CPU has, capped by ATEN_CPU_CAPABILITY ("default", "avx2", "avx512") as
-// for ATen's own kernels.
-Isa detect_isa() {
-#if SHVIT_MULTI_ISA
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-  const char* env = std::getenv("ATEN_CPU_CAPABILITY");
-  const std::string cap = env ? env : "";
-  if (cap == "default") return Isa::kBase;
-  if (avx512 && cap != "avx2") return Isa::kAvx512;
-  return avx2 ? Isa::kAvx2 : Isa::kBase;
-#else
-  return Isa::kBase;
-#endif
-}
-
-Isa isa() {
-  static const Isa chosen = detect_isa();
-  return chosen;
-}
-
-#if SHVIT_MULTI_ISA
-#define SHVIT_RUN(fn, T, g, args)                                   \
-  switch (isa()) {                                                  \
-    case Isa::kAvx512: detail::isa_avx512::fn<T>(g, args); break;   \
-    case Isa::kAvx2: detail::isa_avx2::fn<T>(g, args); break;       \
-    default: detail::isa_base::fn<T>(g, args); break;               \
-  }
-#else
-#define SHVIT_RUN(fn, T, g, args) detail::isa_base::fn<T>(g, args)
-#endif
 
 // ---- argument checks --------------------------------------------------------------------------------
 
@@ -158,7 +119,7 @@ at::Tensor dwconv_bn_fwd_cpu(const at::Tensor& x_in, const at::Tensor& weight, c
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_bn_fwd_cpu", [&] {
     const EvalArgs<scalar_t> args{x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
                                   bias_c.const_data_ptr<scalar_t>(), relu, y.mutable_data_ptr<scalar_t>()};
-    SHVIT_RUN(eval_fwd, scalar_t, g, args);
+    SHVIT_ISA_DISPATCH(detail, eval_fwd<scalar_t>(g, args));
   });
   return y.contiguous(layout_of(x_in));
 }
@@ -179,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_train_fwd_cpu(
                                       eps,                              residual,
                                       relu,                             y.mutable_data_ptr<scalar_t>(),
                                       mean.mutable_data_ptr<scalar_t>(), var.mutable_data_ptr<scalar_t>()};
-    SHVIT_RUN(train_fwd, scalar_t, g, args);
+    SHVIT_ISA_DISPATCH(detail, train_fwd<scalar_t>(g, args));
   });
   return {y.contiguous(layout_of(x_in)), mean, var};
 }
@@ -208,18 +169,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_train_bwd_c
                                       residual,                          relu,
                                       gx.mutable_data_ptr<scalar_t>(),   gw.mutable_data_ptr<scalar_t>(),
                                       ggamma.mutable_data_ptr<scalar_t>(), gbeta.mutable_data_ptr<scalar_t>()};
-    SHVIT_RUN(train_bwd, scalar_t, g, args);
+    SHVIT_ISA_DISPATCH(detail, train_bwd<scalar_t>(g, args));
   });
   const auto pdt = bn_weight.scalar_type();
   return {gx.contiguous(layout_of(x_in)), gw, ggamma.to(pdt), gbeta.to(pdt)};
-}
-
-const char* cpu_kernel_isa() {
-  switch (isa()) {
-    case Isa::kAvx512: return "avx512";
-    case Isa::kAvx2: return "avx2";
-    default: return "default";
-  }
 }
 
 }  // namespace shvit::cpu

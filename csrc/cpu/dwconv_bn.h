@@ -35,7 +35,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dwconv_bn_train_bwd_c
     const at::Tensor& mean, const at::Tensor& var, const at::Tensor& y, double eps, int64_t stride,
     bool residual, bool relu);
 
-// Instruction set the kernels were dispatched to on this CPU: "avx512", "avx2" or "default".
-const char* cpu_kernel_isa();
-
 }  // namespace shvit::cpu

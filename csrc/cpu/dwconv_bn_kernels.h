@@ -5,6 +5,8 @@
 
 #include <ATen/Parallel.h>
 
+#include "isa.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -41,14 +43,6 @@ struct TrainBwdArgs {
   T *gx, *gw, *ggamma, *gbeta;
 };
 
-// x86-64 with GCC: the kernels are compiled three times (baseline, AVX2+FMA, AVX-512) and picked at run
-// time, since the build sets no -march. Elsewhere only the baseline copy exists.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SHVIT_MULTI_ISA 1
-#else
-#define SHVIT_MULTI_ISA 0
-#endif
-
 #define SHVIT_DECLARE_KERNELS(isa)                                     \
   namespace isa {                                                      \
   template <typename T> void eval_fwd(const Geom&, const EvalArgs<T>&);      \
@@ -56,11 +50,7 @@ struct TrainBwdArgs {
   template <typename T> void train_bwd(const Geom&, const TrainBwdArgs<T>&); \
   }
 
-SHVIT_DECLARE_KERNELS(isa_base)
-#if SHVIT_MULTI_ISA
-SHVIT_DECLARE_KERNELS(isa_avx2)
-SHVIT_DECLARE_KERNELS(isa_avx512)
-#endif
+SHVIT_FOR_EACH_ISA(SHVIT_DECLARE_KERNELS)
 #undef SHVIT_DECLARE_KERNELS
 
 }  // namespace shvit::cpu::detail

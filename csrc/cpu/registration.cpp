@@ -7,6 +7,7 @@
 #include <string>
 
 #include "dwconv_bn.h"
+#include "isa.h"
 
 TORCH_LIBRARY(shvit, m) {
   m.def("dwconv_bn_fwd_cpu(Tensor x, Tensor weight, Tensor bias, int stride, bool relu) -> Tensor");

@@ -31,6 +31,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include "isa.h"
 #include "kernel_common.h"
 
 #include <algorithm>
@@ -87,8 +88,8 @@ void gemm_tn_sum(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const
 }
 
 // ---- fp32 SIMD -----------------------------------------------------------------------------------------------
-// GCC vector types of L floats. with_simd(f) calls f(lanes) from a function compiled for the widest instruction set
-// the CPU has; `flatten` inlines f's whole call tree there, so the generic code below becomes AVX-512 / AVX2 code.
+// GCC vector types of L floats. with_simd(f) calls f(lanes) from a function compiled for the instruction set cpu_isa()
+// picks (isa.h); `flatten` inlines f's whole call tree there, so the generic code below becomes AVX-512 / AVX2 code.
 
 template <int L>
 struct Lanes {
@@ -96,8 +97,7 @@ struct Lanes {
   typedef int32_t i __attribute__((vector_size(4 * L)));
 };
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#define SHVIT_SRA_MULTI_ISA 1
+#if SHVIT_MULTI_ISA
 template <typename F>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"), flatten)) void run_avx512(const F& f) {
   f(std::integral_constant<int, 16>());
@@ -106,23 +106,13 @@ template <typename F>
 __attribute__((target("avx2,fma"), flatten)) void run_avx2(const F& f) {
   f(std::integral_constant<int, 8>());
 }
-int simd_level() {
-  static const int level = [] {
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
-    return avx512 ? 2 : avx2 ? 1 : 0;
-  }();
-  return level;
-}
 #endif
 
 template <typename F>
 void with_simd(const F& f) {
-#ifdef SHVIT_SRA_MULTI_ISA
-  if (simd_level() == 2) return run_avx512(f);
-  if (simd_level() == 1) return run_avx2(f);
+#if SHVIT_MULTI_ISA
+  if (cpu_isa() == Isa::kAvx512) return run_avx512(f);
+  if (cpu_isa() == Isa::kAvx2) return run_avx2(f);
 #endif
   f(std::integral_constant<int, 4>());
 }

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "dwconv_bn.h"
+#include "isa.h"
 
 namespace {
 
