@@ -56,3 +56,39 @@ def replace_triton_kernels(monkeypatch, record) -> None:
         for name, obj in list(vars(mod).items()):
             if name.endswith("_kernel") and hasattr(obj, "fn") and hasattr(obj, "__getitem__"):
                 monkeypatch.setattr(mod, name, Recorder(name, obj))
+
+
+def triton_compile_key(binders: dict, kernel, args: tuple, kwargs: dict) -> tuple:
+    """What Triton's JIT keys its compiled-kernel cache on for this launch (triton.runtime.jit.JITFunction.run):
+    the binder's specialisation of every argument (a tl.constexpr: its value; an int: ("constexpr", 1) when it is 1,
+    else its type and "D" when divisible by 16; a tensor: its element type and "D" when 16-byte aligned) and the
+    launch options (num_warps, ...). Computed by Triton's own binder, with the CUDA backend's rules (BaseBackend's:
+    the NVIDIA backend does not override them)."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    binder = binders.get(kernel)
+    if binder is None:
+        jit = JITFunction(kernel.fn)
+        binder = binders[kernel] = (create_function_from_signature(jit.signature, jit.params, BaseBackend),
+                                    tuple(p.is_constexpr for p in jit.params))
+    _, spec, options = binder[0](*args, **kwargs)
+    return tuple(spec), tuple(sorted(options.items())), binder[1]
+
+
+def size_launchers_for_gpu(monkeypatch) -> None:
+    """Make the SHSA / FFN / conv Triton launchers (whose tiles depend on `_common._Shape.gpu`) pick what they pick
+    for a CUDA tensor, whatever the inputs' device (CPU or meta); outputs stay on the inputs' device. SRA's launchers
+    already take a meta tensor as a GPU's."""
+    import types
+
+    from shvit_kernels.triton import _common
+
+    shape_init = _common._Shape.__init__
+
+    def as_on_gpu(self, x):
+        shape_init(self, types.SimpleNamespace(shape=x.shape, dtype=x.dtype, device=torch.device("cuda")))
+        assert self.gpu, "the SHSA / FFN launchers no longer decide the GPU configuration in _Shape"
+        self.dev = x.device
+
+    monkeypatch.setattr(_common._Shape, "__init__", as_on_gpu)

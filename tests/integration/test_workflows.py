@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import types
 from unittest import mock
 
 import pytest
@@ -20,7 +19,8 @@ from shvit_kernels import backends
 from shvit_kernels.models.shvit import SHViT
 from shvit_kernels.nn import ConvBN
 from shvit_kernels.nn._match import is_pointwise
-from tests.helpers import bn_states, randomize_bn, replace_triton_kernels
+from tests.helpers import (bn_states, randomize_bn, replace_triton_kernels, size_launchers_for_gpu,
+                           triton_compile_key)
 
 try:
     import triton
@@ -343,24 +343,6 @@ SATURATED = 48  # past this stage-1 size no compute kernel gets a new meta-param
 REDUCTIONS = {"_welford_kernel", "_sum_kernel", "_row_sum_kernel"}  # fixed-order sums of per-tile partials
 
 
-def _compile_key(binders: dict, kernel, args: tuple, kwargs: dict) -> tuple:
-    """What Triton's JIT keys its compiled-kernel cache on for this launch (triton.runtime.jit.JITFunction.run):
-    the binder's specialisation of every argument (a tl.constexpr: its value; an int: ("constexpr", 1) when it is 1,
-    else its type and "D" when divisible by 16; a tensor: its element type and "D" when 16-byte aligned) and the
-    launch options (num_warps, ...). Computed by Triton's own binder, with the CUDA backend's rules (BaseBackend's:
-    the NVIDIA backend does not override them)."""
-    from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import JITFunction, create_function_from_signature
-
-    binder = binders.get(kernel)
-    if binder is None:
-        jit = JITFunction(kernel.fn)
-        binder = binders[kernel] = (create_function_from_signature(jit.signature, jit.params, BaseBackend),
-                                    tuple(p.is_constexpr for p in jit.params))
-    _, spec, options = binder[0](*args, **kwargs)
-    return tuple(spec), tuple(sorted(options.items())), binder[1]
-
-
 @pytest.fixture(scope="module")
 def launch_keys():
     """{input (H, W): {kernel: set of compile keys}}: the converted model (float32) in eval (batch 1) and training
@@ -369,20 +351,11 @@ def launch_keys():
     The SHSA and FFN launchers pick their GPU configuration (they size some tiles differently for the interpreter)."""
     if not TRITON:
         pytest.skip("triton is unavailable")
-    from shvit_kernels.triton import _common
-
     binders, seen = {}, {}
 
     def record(name, kernel, grid, args, kwargs):
         key = f"{kernel.fn.__module__.rsplit('.', 1)[-1]}.{name}"
-        seen.setdefault(key, set()).add(_compile_key(binders, kernel, args, kwargs))
-
-    shape_init = _common._Shape.__init__
-
-    def as_on_gpu(self, x):
-        shape_init(self, types.SimpleNamespace(shape=x.shape, dtype=x.dtype, device=torch.device("cuda")))
-        assert self.gpu, "the SHSA / FFN launchers no longer decide the GPU configuration in _Shape"
-        self.dev = x.device
+        seen.setdefault(key, set()).add(triton_compile_key(binders, kernel, args, kwargs))
 
     model = sk.convert(_stock(), channels_last=False)  # as on a GPU: the CPU-only channels_last entry stays off
     out = {}
@@ -392,7 +365,7 @@ def launch_keys():
     try:
         with pytest.MonkeyPatch.context() as mp, _backend("triton"):
             replace_triton_kernels(mp, record)
-            mp.setattr(_common._Shape, "__init__", as_on_gpu)
+            size_launchers_for_gpu(mp)
             mp.setattr(ConvBN, "_runs_op", lambda self, x, train, gated: is_pointwise(self))  # as on CUDA
             for hw in RESOLUTIONS + [(16 * h, 16 * h) for h in SWEEP]:
                 seen = {}
