@@ -34,15 +34,27 @@ def cpu_backends(op: str) -> list[str]:
     return [b for b in ("reference", "cpu", "triton") if b in available_backends() and b in backends.implementations(op)]
 
 
-def replace_triton_kernels(monkeypatch, record) -> None:
-    """Replace every Triton kernel of `shvit_kernels.triton` (the module attributes named `*_kernel`) by a
-    recorder: the launchers run as usual, but `kernel[grid](*args, **kwargs)` calls
-    `record(name, kernel, grid, args, kwargs)` (kernel: the original JIT / interpreted function) instead of
-    launching. The launchers' outputs are then left unwritten, so inputs may be `meta` tensors of any size."""
+def triton_kernels() -> list[tuple]:
+    """(module, attribute name, kernel) of every Triton kernel of `shvit_kernels.triton`: the module attributes
+    named `*_kernel` that are JIT (or, under the interpreter, interpreted) functions."""
     import importlib
     import pkgutil
 
     import shvit_kernels.triton as package
+
+    found = []
+    for info in pkgutil.iter_modules(package.__path__):
+        mod = importlib.import_module(f"{package.__name__}.{info.name}")
+        found += [(mod, name, obj) for name, obj in vars(mod).items()
+                  if name.endswith("_kernel") and hasattr(obj, "fn") and hasattr(obj, "__getitem__")]
+    return found
+
+
+def replace_triton_kernels(monkeypatch, record) -> None:
+    """Replace every Triton kernel (triton_kernels()) by a recorder: the launchers run as usual, but
+    `kernel[grid](*args, **kwargs)` calls `record(name, kernel, grid, args, kwargs)` (kernel: the original JIT /
+    interpreted function) instead of launching. The launchers' outputs are then left unwritten, so inputs may be
+    `meta` tensors of any size."""
 
     class Recorder:
         def __init__(self, name, kernel):
@@ -51,11 +63,8 @@ def replace_triton_kernels(monkeypatch, record) -> None:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: record(self.name, self.kernel, tuple(grid), args, kwargs)
 
-    for info in pkgutil.iter_modules(package.__path__):
-        mod = importlib.import_module(f"{package.__name__}.{info.name}")
-        for name, obj in list(vars(mod).items()):
-            if name.endswith("_kernel") and hasattr(obj, "fn") and hasattr(obj, "__getitem__"):
-                monkeypatch.setattr(mod, name, Recorder(name, obj))
+    for mod, name, obj in triton_kernels():
+        monkeypatch.setattr(mod, name, Recorder(name, obj))
 
 
 def triton_compile_key(binders: dict, kernel, args: tuple, kwargs: dict) -> tuple:

@@ -171,10 +171,11 @@ def one_per_meta(launches: list[dict]) -> list[dict]:
     return list(seen.values())
 
 
-def _cuobjdump() -> str:
+def nvidia_tool(name: str) -> pathlib.Path:
+    """A binary Triton's CUDA backend ships (ptxas, cuobjdump)."""
     import triton
 
-    return str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    return pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
 
 
 def compile_one(launch: dict) -> dict:
@@ -204,7 +205,7 @@ def compile_one(launch: dict) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        usage = subprocess.run([_cuobjdump(), "-res-usage", f.name], capture_output=True, text=True,
+        usage = subprocess.run([nvidia_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
                                check=True).stdout
     fields = dict(kv.split(":", 1) for line in usage.splitlines() if "REG:" in line for kv in line.split())
     spill = int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0))  # bytes of local memory per thread
