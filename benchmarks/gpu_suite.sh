@@ -3,15 +3,21 @@
 # benchmarks. Writes benchmarks/results/<gpu>-<date>.{json,md,png} (CLI: ops and models, GPU name, driver,
 # torch/triton versions) and <gpu>-<date>-pytest.json (pytest-benchmark), plus logs/, under $OUT when it is set.
 #
-#   bash benchmarks/gpu_suite.sh                    # all stages: build test sanitize auto bench pytest-bench
+#   bash benchmarks/gpu_suite.sh                    # all stages: build test suite sanitize auto bench pytest-bench
 #   bash benchmarks/gpu_suite.sh build test sanitize    # or any of them, in the order given
 #
+# Stages: build (pip install -e . with the CUDA kernels), test (the `gpu`-marked tests), suite (the whole test suite
+# on the GPU, where every Triton test runs compiled instead of interpreted; pytest-xdist), sanitize
+# (compute-sanitizer), auto (auto's measured table), bench (ops and models), pytest-bench.
 # About 25 minutes of device time in all. Where one command may run at most 10 minutes (the lent machines), run it
-# as three calls on the same warm machine: `build test sanitize auto`, then `bench`, then `pytest-bench` (the build is
-# kept in the work tree in between; a fresh machine needs `build` again).
+# as several calls, each within SUITE_BUDGET_S: a fresh machine needs `build` again, unless the extension built by an
+# earlier call is put back (the build stage copies it to $OUT).
 # Tunables: PYTHON (default python3), MAX_JOBS (ninja jobs), BENCH_BUDGET_S (the bench stage starts no case after
 # this many seconds; default 420, which leaves room for one max-autotune compile that started just before),
-# STAGE_TIMEOUT_S (per stage, default 590).
+# STAGE_TIMEOUT_S (per stage, default 590), SUITE_BUDGET_S (no stage runs past this many seconds from the start;
+# default 3600), SUITE_WORKERS (pytest-xdist workers of the suite stage; default: cores - 2).
+# Under $OUT (the lent machines return at most 8 files, 2 folders deep), results and logs are packed into
+# $OUT/gpu_suite.tgz at the end.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,6 +28,13 @@ results="${OUT:+$OUT/}benchmarks/results"
 logs="$results/logs"
 mkdir -p "$logs"
 stage_timeout="${STAGE_TIMEOUT_S:-590}"
+suite_budget="${SUITE_BUDGET_S:-3600}"
+
+pack() {  # results and logs into one file under $OUT, which returns few files and no deep folders
+  [[ -n "${OUT:-}" && -d "$OUT/benchmarks" ]] || return 0
+  tar czf "$OUT/gpu_suite.tgz" -C "$OUT" benchmarks && rm -rf "$OUT/benchmarks"
+}
+trap pack EXIT
 
 if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_suite: no CUDA device visible to $py (torch.cuda.is_available() is False)" >&2
@@ -36,14 +49,20 @@ failed=0
 # run_stage NAME CMD...: run with a time limit, the full output in logs/NAME.log, its tail on the console.
 run_stage() {
   local name="$1"; shift
-  local log="$logs/$name.log" start=$SECONDS rc
+  local log="$logs/$name.log" start=$SECONDS rc limit=$((suite_budget - SECONDS))
+  (( limit > stage_timeout )) && limit=$stage_timeout
+  if (( limit < 20 )); then
+    summary+=("$name: not run, the suite's ${suite_budget} s budget is spent")
+    echo "== $name: not run (budget spent)"
+    return 124
+  fi
   echo "== $name: $*"
-  timeout --signal=INT --kill-after=15 "$stage_timeout" "$@" >"$log" 2>&1
+  timeout --signal=INT --kill-after=15 "$limit" "$@" >"$log" 2>&1
   rc=$?
   summary+=("$name: rc $rc, $((SECONDS - start)) s")
   if (( rc != 0 )); then
     failed=1
-    echo "-- $name failed (rc $rc$( ((rc == 124)) && echo ": timed out after ${stage_timeout} s")); last lines of $log:"
+    echo "-- $name failed (rc $rc$( ((rc == 124)) && echo ": timed out after ${limit} s")); last lines of $log:"
     tail -n 30 "$log"
   else
     tail -n 3 "$log"
@@ -60,6 +79,8 @@ stage_build() {
   TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-16}" \
     run_stage build "$py" -m pip install --no-build-isolation --no-deps -e . || return
   "$py" -m shvit_kernels info | tee -a "$logs/build.log"
+  # The built extension, to put back in a later call on a fresh machine instead of rebuilding.
+  [[ -n "${OUT:-}" ]] && cp "$("$py" -c "import shvit_kernels._C as c; print(c.__file__)")" "$OUT/"
   if [[ " $(cuda_backends) " != *" cuda "* ]]; then
     echo "-- build: the extension has no CUDA kernels (see $logs/build.log)"
     failed=1
@@ -69,6 +90,16 @@ stage_build() {
 
 stage_test() {
   run_stage test "$py" -m pytest -m gpu -q -p no:cacheprovider -rs
+}
+
+stage_suite() {
+  # The whole suite: on a GPU the Triton tests run their kernels compiled. The sm_90 AOT compile check is what CPU
+  # machines run instead. Few threads per worker: the workers share the cores. The GPU-heavy folders go first, so a
+  # stage cut short by its time limit has run those; each failure is logged as it happens (tests/conftest.py).
+  local workers="${SUITE_WORKERS:-$(( $(nproc) > 4 ? $(nproc) - 2 : 2 ))}"
+  OMP_NUM_THREADS=2 SHVIT_TEST_FAILURE_LOG="$logs/suite-failures" run_stage suite "$py" -m pytest -q \
+    -p no:cacheprovider -rfE -n "$workers" --deselect tests/triton/test_sm90_compile.py \
+    tests/gpu tests/triton tests/ops tests/nn tests/integration tests/reliability tests
 }
 
 stage_sanitize() {
@@ -106,7 +137,7 @@ stage_pytest_bench() {
     --benchmark-json "$stem-pytest.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 }
 
-all_stages=(build test sanitize auto bench pytest-bench)
+all_stages=(build test suite sanitize auto bench pytest-bench)
 stages=("$@")
 (( ${#stages[@]} )) || stages=("${all_stages[@]}")
 for s in "${stages[@]}"; do
@@ -116,6 +147,7 @@ for s in "${stages[@]}"; do
   case "$s" in
     build) stage_build || { echo "gpu_suite: build failed; stopping"; break; } ;;
     test) stage_test ;;
+    suite) stage_suite ;;
     sanitize) stage_sanitize ;;
     auto) stage_auto ;;
     bench) stage_bench ;;

@@ -33,6 +33,16 @@ def pytest_runtest_makereport(item, call):
                 print(f"\n[reproduce with SHVIT_TEST_SEED={value}]")
 
 
+def pytest_runtest_logreport(report):
+    """$SHVIT_TEST_FAILURE_LOG: each failure's id and traceback appended as it happens (one file per xdist worker),
+    so a run cut short by a time limit still says what failed (gpu_suite.sh)."""
+    path = os.environ.get("SHVIT_TEST_FAILURE_LOG")
+    if path and report.failed:
+        seed = dict(report.user_properties).get("seed")
+        with open(f"{path}.{os.environ.get('PYTEST_XDIST_WORKER', 'main')}", "a") as f:
+            f.write(f"==== {report.nodeid} ({report.when}, seed {seed})\n{report.longreprtext[-4000:]}\n")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -73,8 +73,8 @@ def test_other_devices_and_schemas(table):
 
 def test_cli_records_and_info_reports(table):
     run = [sys.executable, "-m", "shvit_kernels"]
-    out = subprocess.run(run + ["bench", "--record-auto", "--ops", "dwconv_bn", "--batch", "1", "--reps", "2"],
-                         capture_output=True, text=True, check=True).stdout
+    args = ["bench", "--record-auto", "--device", "cpu", "--ops", "dwconv_bn", "--batch", "1", "--reps", "2"]
+    out = subprocess.run(run + args, capture_output=True, text=True, check=True).stdout
     assert "dwconv_bn" in out and "cpu" in out
     entries = json.loads(table.read_text())["entries"]
     (key, entry), = entries.items()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops._checks import check_same_device, check_tensor
+from ..ops._checks import autocast_enabled, check_same_device, check_tensor
 from ..reference import Conv2d_BN
 from ..reference.conv_bn import bn_scale_shift
 from ._bn import FoldCache, update_running_stats, uses_batch_stats
@@ -38,8 +38,7 @@ def _onednn_ok(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor) -> bool:
 def _autocast(x: torch.Tensor) -> bool:
     """Under autocast the stock conv + BN run as they are: autocast would round the BN-folded weight to 16 bits,
     another rounding than stock's, which deep ill-conditioned input gradients amplify (tests/integration)."""
-    device = x.device.type
-    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    return autocast_enabled(x.device.type)
 
 
 class ConvBN(Conv2d_BN):

@@ -62,14 +62,23 @@ def empty_result(shape: tuple, x: torch.Tensor, *inputs) -> torch.Tensor:
     return y
 
 
+# Device types with autocast, read once: dynamo (torch 2.11) cannot trace torch.amp.is_autocast_available.
+_AUTOCAST_DEVICES = frozenset(d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia")
+                              if torch.amp.is_autocast_available(d))
+
+
+def autocast_enabled(device: str) -> bool:
+    """torch.is_autocast_enabled(device), and False for device types without autocast (for which it raises: meta,
+    in shape-only runs and torch.export)."""
+    return device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device)
+
+
 def autocast(*tensors):
     """Under torch.autocast, cast the matmul/conv operands to the autocast dtype (as autocast does for
     F.conv2d / F.linear): custom ops are not autocast by PyTorch itself. Non-tensors pass through."""
     ref = next(t for t in tensors if isinstance(t, torch.Tensor))
     device = ref.device.type
-    # is_autocast_enabled raises for device types without autocast (meta: shape-only runs, torch.export)
-    if not (ref.is_floating_point() and torch.amp.is_autocast_available(device)
-            and torch.is_autocast_enabled(device)):
+    if not (ref.is_floating_point() and autocast_enabled(device)):
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

@@ -19,7 +19,7 @@ from shvit_kernels import backends
 from shvit_kernels.models.shvit import SHViT
 from shvit_kernels.nn import ConvBN
 from shvit_kernels.nn._match import is_pointwise
-from tests.helpers import (bn_states, randomize_bn, replace_triton_kernels, size_launchers_for_gpu,
+from tests.helpers import (bn_states, cpu_backends, randomize_bn, replace_triton_kernels, size_launchers_for_gpu,
                            triton_compile_key)
 
 try:
@@ -27,8 +27,10 @@ try:
 except ImportError:
     triton = None
 
-TRITON = "triton" in sk.available_backends()  # a GPU, or the interpreter on CPU tensors (tests/conftest.py)
-CPU_BACKENDS = [b for b in ("cpu", "triton") if b in sk.available_backends()]
+# The CPU models below run Triton only under the interpreter (tests/conftest.py sets it where there is no GPU); with
+# a GPU, Triton takes CUDA tensors only, and the `gpu` tests further down run it.
+CPU_BACKENDS = [b for b in cpu_backends("ffn") if b != "reference"]
+TRITON = "triton" in CPU_BACKENDS
 RESOLUTIONS = [(224, 224), (256, 256), (384, 384), (512, 512), (800, 1333)]  # (H, W); 1333x800 is detection's
 
 
@@ -276,7 +278,8 @@ def test_gradient_checkpointing(granularity):
 # ---- 4. CUDA graphs (GPU only) ------------------------------------------------------------------------------------
 
 def _cuda_model() -> nn.Module:
-    return _pair()[1].cuda().eval()
+    # channels_last=False: no forward pre-hook, which make_graphed_callables refuses (CUDA inputs skip it anyway)
+    return sk.convert(_pair()[1], channels_last=False).cuda().eval()
 
 
 @pytest.mark.gpu
@@ -350,7 +353,7 @@ def launch_keys():
     the kernels replaced by recorders (nothing is computed: the activations are garbage, the launch arguments exact).
     The SHSA and FFN launchers pick their GPU configuration (they size some tiles differently for the interpreter)."""
     if not TRITON:
-        pytest.skip("triton is unavailable")
+        pytest.skip("Triton does not take CPU tensors here (no interpreter)")
     binders, seen = {}, {}
 
     def record(name, kernel, grid, args, kwargs):

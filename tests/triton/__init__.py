@@ -1,9 +1,7 @@
-"""Triton kernels against their float64 reference specs, on CPU tensors under TRITON_INTERPRET=1 (set here, before
-any test module imports triton), or on CUDA when the variable is 0 and a GPU is present. Shapes are small: the
+"""Triton kernels against their float64 reference specs, on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py
+sets it, before anything imports triton, on a machine without a GPU), else on CUDA. Shapes are small: the
 interpreter costs ~8 ms per program."""
 import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def triton_device() -> str:
@@ -12,7 +10,7 @@ def triton_device() -> str:
     import torch
 
     pytest.importorskip("triton")
-    if os.environ["TRITON_INTERPRET"] == "1":
+    if os.environ.get("TRITON_INTERPRET") == "1":
         return "cpu"
     if torch.cuda.is_available():
         return "cuda"

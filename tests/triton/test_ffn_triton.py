@@ -127,11 +127,12 @@ def small_tiles(monkeypatch):
     (hidden recomputed per block), hidden blocks, K chunks, token tiles and split-K partials."""
     for mod in (T, _common):
         monkeypatch.setattr(mod, "_BLOCK_T", 16)
-    for name in ("FUSED_ROWS", "FUSED_HIDDEN", "FUSED_K"):
-        monkeypatch.setattr(T, name, 16)
+    for name in ("FUSED_ROWS", "FUSED_HIDDEN", "FUSED_K"):  # a GPU's float64 takes the FMA path, which halves them
+        monkeypatch.setattr(T, name, 32 if DEVICE == "cuda" else 16)
     for name in ("_BLOCK_R", "_BLOCK_K"):  # the training GEMMs' tiles
         monkeypatch.setattr(TG, name, 16)
-    monkeypatch.setattr(TG, "INTERP_WGRAD_PROGRAMS", 12)
+    for name in ("INTERP_WGRAD_PROGRAMS", "_WGRAD_PROGRAMS"):  # programs wanted under the interpreter / on a GPU
+        monkeypatch.setattr(TG, name, 12)
 
 
 @LAYOUTS
