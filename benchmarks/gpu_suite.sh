@@ -3,15 +3,16 @@
 # benchmarks. Writes benchmarks/results/<gpu>-<date>.{json,md,png} (CLI: ops and models, GPU name, driver,
 # torch/triton versions) and <gpu>-<date>-pytest.json (pytest-benchmark), plus logs/, under $OUT when it is set.
 #
-#   bash benchmarks/gpu_suite.sh                    # all stages: build test suite sanitize auto bench pytest-bench
+#   bash benchmarks/gpu_suite.sh       # all stages: build test suite sanitize auto bench profile pytest-bench
 #   bash benchmarks/gpu_suite.sh build test sanitize    # or any of them, in the order given
 #
 # Stages: build (pip install -e . with the CUDA kernels), test (the `gpu`-marked tests), suite (the whole test suite
 # on the GPU, where every Triton test runs compiled instead of interpreted; pytest-xdist), sanitize
-# (compute-sanitizer), auto (auto's measured table), bench (ops and models), pytest-bench.
+# (compute-sanitizer), auto (auto's measured table), bench (ops and models), profile (each op case kernel by kernel,
+# benchmarks/gpu_profile.py), pytest-bench.
 # About 25 minutes of device time in all. Where one command may run at most 10 minutes (the lent machines), run it
-# as several calls, each within SUITE_BUDGET_S: a fresh machine needs `build` again, unless the extension built by an
-# earlier call is put back (the build stage copies it to $OUT).
+# as several calls, each within SUITE_BUDGET_S; a fresh machine needs `build` again (about a minute on 16 cores; the
+# built extension is larger than such a machine returns).
 # Tunables: PYTHON (default python3), MAX_JOBS (ninja jobs), BENCH_BUDGET_S (the bench stage starts no case after
 # this many seconds; default 420, which leaves room for one max-autotune compile that started just before),
 # STAGE_TIMEOUT_S (per stage, default 590), SUITE_BUDGET_S (no stage runs past this many seconds from the start;
@@ -79,8 +80,6 @@ stage_build() {
   TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="${MAX_JOBS:-16}" \
     run_stage build "$py" -m pip install --no-build-isolation --no-deps -e . || return
   "$py" -m shvit_kernels info | tee -a "$logs/build.log"
-  # The built extension, to put back in a later call on a fresh machine instead of rebuilding.
-  [[ -n "${OUT:-}" ]] && cp "$("$py" -c "import shvit_kernels._C as c; print(c.__file__)")" "$OUT/"
   if [[ " $(cuda_backends) " != *" cuda "* ]]; then
     echo "-- build: the extension has no CUDA kernels (see $logs/build.log)"
     failed=1
@@ -131,13 +130,20 @@ stage_bench() {
   [[ -f "$stem.md" ]] && sed -n '/^## /,$p' "$stem.md"
 }
 
+stage_profile() {
+  # Kernel by kernel, stock against fused (benchmarks/gpu_profile.py): where each op case's time goes.
+  # shellcheck disable=SC2046  # the backend names are words
+  run_stage profile "$py" -m benchmarks.gpu_profile --device cuda --dtype float16 --batch 256 \
+    --backends $(cuda_backends) --markdown "$stem-profile.md"
+}
+
 stage_pytest_bench() {
   # The compile variants are timed by the bench stage (max-autotune compiles cost minutes; once is enough).
   SHVIT_BENCH_COMPILE=0 run_stage pytest-bench "$py" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
     --benchmark-json "$stem-pytest.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 }
 
-all_stages=(build test suite sanitize auto bench pytest-bench)
+all_stages=(build test suite sanitize auto bench profile pytest-bench)
 stages=("$@")
 (( ${#stages[@]} )) || stages=("${all_stages[@]}")
 for s in "${stages[@]}"; do
@@ -151,6 +157,7 @@ for s in "${stages[@]}"; do
     sanitize) stage_sanitize ;;
     auto) stage_auto ;;
     bench) stage_bench ;;
+    profile) stage_profile ;;
     pytest-bench) stage_pytest_bench ;;
   esac
 done

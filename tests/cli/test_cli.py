@@ -96,3 +96,18 @@ def test_fresh_process_table_takes_medians_and_ratios(monkeypatch, tmp_path, cap
     row = next(line for line in md.read_text().splitlines() if line.startswith("| shsa"))
     # medians: eager 5, compile 3, fused 2
     assert row == "| shsa | eval fwd | 5.000 | 3.000 | 2.000 | 2.50x | 1.50x |", row
+
+
+def test_gpu_profile_reports_each_implementation(tmp_path):
+    """benchmarks.gpu_profile on the CPU (its GPU report has the same rows): stock and the fused module per mode,
+    each with its time and the ops that took it."""
+    from benchmarks import gpu_profile
+
+    out = tmp_path / "profile.md"
+    gpu_profile.main(["--device", "cpu", "--dtype", "float32", "--batch", "1", "--ops", "dwconv_bn", "--calls", "2",
+                      "--top", "3", "--markdown", str(out)])
+    text = out.read_text()
+    for mode in ("eval fwd", "train fwd+bwd"):
+        for impl in ("stock", "fused auto"):
+            assert f"| {mode} | {impl}: wall " in text
+    assert "dwconv_bn" in text and "ms  x" in text
