@@ -84,8 +84,9 @@ def run(device: torch.device, dtype: torch.dtype, batch: int, ops, modes, backen
 
 def format_profile(p: Profile) -> str:
     what = "kernels" if p.gpu else "ops' self time"
-    lines = [f"{p.op} {p.shape} | {p.mode} | {p.impl}: wall {p.wall_ms:.3f} ms, {what} {p.device_ms:.3f} ms, "
-             f"{p.launches:.1f} {'launches' if p.gpu else 'ops'} per call"]
+    head = (f"{p.op} {p.shape} | {p.mode} | {p.impl}: wall {p.wall_ms:.3f} ms, {what} {p.device_ms:.3f} ms, "
+            f"{p.launches:.1f} {'launches' if p.gpu else 'ops'} per call")
+    lines = [head]
     lines += [f"    {ms:8.4f} ms  x{n:5.1f}  {name[:110]}" for name, ms, n in p.top]
     return "\n".join(lines)
 
