@@ -34,6 +34,9 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
             const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+// MKL's per-thread thread count, C interface (returns the previous one; 0 = the global setting; the lowercase
+// mkl_set_num_threads_local is the Fortran entry, by pointer), weak: absent without MKL.
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 }
 
 namespace shvit::cpu {
