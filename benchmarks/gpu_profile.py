@@ -19,7 +19,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from shvit_kernels import backends, bench
+from shvit_kernels import bench
 from shvit_kernels.roofline import MODES
 
 
@@ -69,13 +69,11 @@ def run(device: torch.device, dtype: torch.dtype, batch: int, ops, modes, backen
     for case in bench.cases(batch):
         if ops and case.op not in ops:
             continue
-        names = [b for b in backend_names if b == "auto" or b in backends.implementations(case.op)]
         for mode in modes:
-            impls = [("stock", "auto")] + [(f"fused {b}", b) for b in names]
-            for label, backend in impls:
-                prepared = bench.prepare(case, mode, device, dtype, ("stock",) if label == "stock" else ("fused",),
-                                         backend)
-                fn = prepared.fns["stock" if label == "stock" else "fused"]
+            impls = [("stock", "stock", "auto")] + [(f"fused {b}", "fused", b)
+                                                    for b in bench.backends_of(case.op, backend_names)]
+            for label, impl, backend in impls:
+                fn = bench.prepare(case, mode, device, dtype, (impl,), backend).fns[impl]
                 wall, dev, launches, rows = profile_call(fn, device, calls, top)
                 out.append(Profile(case.op, case.shape, mode, label, device.type == "cuda", wall, dev, launches, rows))
                 print(format_profile(out[-1]), flush=True)

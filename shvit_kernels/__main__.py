@@ -155,7 +155,7 @@ def _markdown(data: dict, ops_table: str, models_table: str) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from . import backends, bench, bench_models, roofline
+    from . import bench, bench_models, roofline
 
     if args.plot:
         try:
@@ -196,8 +196,7 @@ def _bench(args: argparse.Namespace) -> int:
             continue
         for mode in modes:
             rows: list = []  # this case and mode's results, one per backend: the compile job fills their column
-            # a backend without a kernel of this op ("cuda" has SHSA and dwconv_bn only) has no row of it
-            for backend in [b for b in args.backends if b == "auto" or b in backends.implementations(case.op)]:
+            for backend in bench.backends_of(case.op, args.backends):
                 jobs.append((f"{case.op} {mode} {backend}",
                              lambda c=case, m=mode, b=backend, rows=rows: _kept(rows, bench.run_case(
                                  c, m, device, dtype, False, args.reps, ceilings, b))))

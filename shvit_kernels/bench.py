@@ -174,6 +174,11 @@ def _bind(m: nn.Module, mode: str, x: torch.Tensor, args: tuple) -> Callable[[],
     return lambda: torch.autograd.grad(y, wrt, gy, retain_graph=True, allow_unused=True)
 
 
+def backends_of(op: str, names: Sequence[str]) -> list[str]:
+    """Those of `names` with a kernel of `op`, and "auto": one row each ("cuda" has SHSA and dwconv_bn only)."""
+    return [b for b in names if b == "auto" or b in backends.implementations(op)]
+
+
 def _under(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
     """fn run with the ops on `backend` (the backward picks its kernels when it runs, so the call must be inside)."""
     if backend == "auto":

@@ -1,8 +1,6 @@
 """Shared test utilities."""
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -29,14 +27,17 @@ def assert_close_to_oracle(out: torch.Tensor, stock: torch.Tensor, oracle: torch
     assert err <= 2 * stock_err + atol, f"fused error {err:.3e} > 2 x stock error {stock_err:.3e} + {atol:.0e}"
 
 
-def cpu_backends(op: str) -> list[str]:
-    """Backends that run `op` on CPU tensors here: reference always, cpu when built, triton under the interpreter
-    (with a GPU, Triton runs CUDA tensors only)."""
-    from shvit_kernels import available_backends, backends
+def takes(op: str, backend: str, device: str, dtype: torch.dtype) -> bool:
+    """Whether `backend` runs `op` on `device` tensors of `dtype` here: it is available and has such a kernel (Triton
+    takes CPU tensors only under the interpreter; the CUDA SHSA has no float64)."""
+    from shvit_kernels import backends
 
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
-    return [b for b in ("reference", "cpu", "triton") if b in available_backends()
-            and b in backends.implementations(op) and (b != "triton" or interpreting)]
+    return backends._supports(op, backend, torch.device(device), dtype) is None
+
+
+def cpu_backends(op: str) -> list[str]:
+    """Backends that run `op` on CPU tensors here: reference always, cpu when built, triton under the interpreter."""
+    return [b for b in ("reference", "cpu", "triton") if takes(op, b, "cpu", torch.float32)]
 
 
 def triton_kernels() -> list[tuple]:

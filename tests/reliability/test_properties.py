@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shvit_kernels import backends, ops, use_backend
-from tests.helpers import cpu_backends
+from tests.helpers import cpu_backends, takes
 from tests.ops.test_shsa import stock as shsa_stock
 
 # 500 examples per op on the CPU backends (SHVIT_PROPERTY_EXAMPLES overrides); the Triton interpreter costs
@@ -38,11 +38,6 @@ def _interpreted(backend, device):
 
 def _budget(backend, device):
     return settings(max_examples=max(EXAMPLES // 25, 5) if _interpreted(backend, device) else EXAMPLES, **SETTINGS)
-
-
-def _takes(op, backend, device, dtype):
-    """Whether `backend`'s kernel of `op` takes `dtype` on `device` (the CUDA SHSA kernels have no float64)."""
-    return backends._supports(op, backend, torch.device(device), dtype) is None
 
 
 def targets(op):
@@ -211,7 +206,7 @@ def test_shsa_properties(backend, device):
            qk=st.integers(1, 16), dtype=DTYPES, layout=LAYOUTS, train=st.booleans(), residual=st.booleans(),
            pdim_frac=st.floats(0, 1), seed=SEEDS)
     def check(b, dim, h, w, qk, dtype, layout, train, residual, pdim_frac, seed):
-        if not _takes("shsa", backend, device, dtype):
+        if not takes("shsa", backend, device, dtype):
             return
         if _interpreted(backend, device):
             b, dim, h, w = min(b, 2), min(dim, 12), min(h, 5), min(w, 5)
