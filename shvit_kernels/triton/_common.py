@@ -32,8 +32,16 @@ def _mm(a, b, acc, ACC: tl.constexpr):
 
 
 @triton.jit
+def _inv_std(var, eps):
+    # 1 / sqrt(var + eps) in var's dtype (not rsqrt: also valid for fp64). Kernels take eps as `tl.float64`: a plain
+    # float argument would reach an fp64 kernel rounded to fp32. tl.full, not tl.cast: the interpreter passes eps as a
+    # Python float, which tl.cast would round to fp32 first
+    return 1.0 / tl.sqrt(var + tl.full([], eps, var.dtype))
+
+
+@triton.jit
 def _rstd(var_ptr, r, rm, eps):
-    return 1.0 / tl.sqrt(tl.load(var_ptr + r, mask=rm, other=1.0) + eps)  # not rsqrt: also valid for fp64
+    return _inv_std(tl.load(var_ptr + r, mask=rm, other=1.0), eps)
 
 
 @triton.jit

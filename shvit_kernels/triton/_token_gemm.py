@@ -81,8 +81,9 @@ def _gemm(w_ptr, swr, swk, r, rm, a_ptr, sab, sak, sat, z_ptr, szb, szk, szt, me
 # ---- kernels ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _gemm_kernel(w_ptr, swr, swk, a_ptr, sab, sak, sat, az_ptr, szb, szk, szt, a_mean, a_var, a_w, a_b, a_sums, a_eps,
-                 count, o_ptr, sob, sor, sot, e_ptr, seb, ser, set_, e_mean, e_var, e_w, e_b, e_eps, part_ptr,
+def _gemm_kernel(w_ptr, swr, swk, a_ptr, sab, sak, sat, az_ptr, szb, szk, szt, a_mean, a_var, a_w, a_b, a_sums,
+                 a_eps: tl.float64, count, o_ptr, sob, sor, sot, e_ptr, seb, ser, set_, e_mean, e_var, e_w, e_b,
+                 e_eps: tl.float64, part_ptr,
                  R, K, N, n_tblk, S,
                  PRO: tl.constexpr, EPI: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -129,7 +130,7 @@ def _gemm_kernel(w_ptr, swr, swk, a_ptr, sab, sak, sat, az_ptr, szb, szk, szt, a
 
 @triton.jit
 def _bn_apply_kernel(z_ptr, szb, szc, szt, x_ptr, sxb, sxc, sxt, y_ptr, syb, syc, syt, mean_ptr, var_ptr, bnw_ptr,
-                     bnb_ptr, eps, C, N, n_tblk,
+                     bnb_ptr, eps: tl.float64, C, N, n_tblk,
                      RES: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
                      BLOCK_T: tl.constexpr):
     # y = bn(z) [+ x if RES] [then ReLU if RELU] over a [BLOCK_C, BLOCK_T] tile
@@ -150,8 +151,9 @@ def _bn_apply_kernel(z_ptr, szb, szc, szt, x_ptr, sxb, sxc, sxt, y_ptr, syb, syc
 
 
 @triton.jit
-def _bn_sums_kernel(g_ptr, sgb, sgc, sgt, z_ptr, szb, szc, szt, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps, part_ptr, C,
-                    N, n_tblk, RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+def _bn_sums_kernel(g_ptr, sgb, sgc, sgt, z_ptr, szb, szc, szt, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps: tl.float64,
+                    part_ptr, C, N, n_tblk,
+                    RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
     # per-tile sums of g and g * zhat (zhat = bn-normalised z) at [tile, c] and [tile, C + c] of (S, 2C); RELU: g is
     # the grad of relu(bn(z)), masked by bn(z) > 0 first
     bt = tl.program_id(0)
@@ -171,9 +173,9 @@ def _bn_sums_kernel(g_ptr, sgb, sgc, sgt, z_ptr, szb, szc, szt, mean_ptr, var_pt
 
 
 @triton.jit
-def _wgrad_kernel(l_ptr, slb, slr, slt, lz_ptr, slzb, slzr, slzt, l_mean, l_var, l_w, l_b, l_sums, l_eps,
-                  r_ptr, srb, srk, srt, rz_ptr, srzb, srzk, srzt, r_mean, r_var, r_w, r_b, r_eps, count, part_ptr,
-                  rowsum_ptr,
+def _wgrad_kernel(l_ptr, slb, slr, slt, lz_ptr, slzb, slzr, slzt, l_mean, l_var, l_w, l_b, l_sums, l_eps: tl.float64,
+                  r_ptr, srb, srk, srt, rz_ptr, srzb, srzk, srzt, r_mean, r_var, r_w, r_b, r_eps: tl.float64, count,
+                  part_ptr, rowsum_ptr,
                   R, K, N, n_tblk, n_tiles, per_split,
                   PRO_L: tl.constexpr, PRO_R: tl.constexpr, ROWSUM: tl.constexpr, ACC: tl.constexpr,
                   DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _chan_merge
+from ._common import _chan_merge, _rstd
 
 _TILE, _WARPS = 1024, 8  # elements per [BLOCK_C, BLOCK_HW] tile: 4 per thread (~60-130 registers)
 _RED_TILE, _RED_P = 2048, 512  # reduction tile: elements, and most partials per row chunk
@@ -95,12 +95,6 @@ def _upstream_grad(gy_ptr, y_ptr, b, c, oh, ow, mask, sgb, sgc, sgh, sgw, syb, s
     return g
 
 
-@triton.jit
-def _rstd(var_ptr, c, c_mask, eps):
-    var = tl.load(var_ptr + c, mask=c_mask, other=1.0)
-    return 1.0 / tl.sqrt(var + eps)  # sqrt + divide rather than rsqrt: also valid for fp64
-
-
 # ---- forward ---------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -160,7 +154,7 @@ def _welford_kernel(pmean_ptr, pm2_ptr, mean_ptr, var_ptr, C, P, n_tiles, HWo,
 
 
 @triton.jit
-def _fwd_apply_kernel(x_ptr, w_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, y_ptr, eps,
+def _fwd_apply_kernel(x_ptr, w_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, y_ptr, eps: tl.float64,
                       C, H, W, Ho, Wo, n_tiles, n_cblk,
                       sxb, sxc, sxh, sxw, syb, syc, syh, syw,
                       K: tl.constexpr, STRIDE: tl.constexpr, RESIDUAL: tl.constexpr, RELU: tl.constexpr,
@@ -181,7 +175,7 @@ def _fwd_apply_kernel(x_ptr, w_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, y_ptr, 
 # ---- backward --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _bwd_stats_kernel(gy_ptr, y_ptr, x_ptr, w_ptr, mean_ptr, var_ptr, psg_ptr, psgz_ptr, eps,
+def _bwd_stats_kernel(gy_ptr, y_ptr, x_ptr, w_ptr, mean_ptr, var_ptr, psg_ptr, psgz_ptr, eps: tl.float64,
                       C, H, W, Ho, Wo, n_tiles, n_cblk, P,
                       sgb, sgc, sgh, sgw, syb, syc, syh, syw, sxb, sxc, sxh, sxw,
                       K: tl.constexpr, STRIDE: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
@@ -198,8 +192,8 @@ def _bwd_stats_kernel(gy_ptr, y_ptr, x_ptr, w_ptr, mean_ptr, var_ptr, psg_ptr, p
 
 
 @triton.jit
-def _bwd_dz_kernel(gy_ptr, y_ptr, x_ptr, w_ptr, mean_ptr, var_ptr, bnw_ptr, sg_ptr, sgz_ptr, dz_ptr, pgw_ptr, eps,
-                   C, H, W, Ho, Wo, n_tiles, n_cblk, P,
+def _bwd_dz_kernel(gy_ptr, y_ptr, x_ptr, w_ptr, mean_ptr, var_ptr, bnw_ptr, sg_ptr, sgz_ptr, dz_ptr, pgw_ptr,
+                   eps: tl.float64, C, H, W, Ho, Wo, n_tiles, n_cblk, P,
                    sgb, sgc, sgh, sgw, syb, syc, syh, syw, sxb, sxc, sxh, sxw, sdb, sdc, sdh, sdw,
                    K: tl.constexpr, STRIDE: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):

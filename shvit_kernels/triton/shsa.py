@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ._common import (_BLOCK_K, _BLOCK_R, _BN, _GEMM_WARPS, _WGRAD_PROGRAMS, _at, _bn_coef, _bn_grad, _cast, _mm, _p2,
-                     _rstd, _Shape, _split_k, _store_wgrad, _sum, _welford, _welford_partial)
+                     _inv_std, _rstd, _Shape, _split_k, _store_wgrad, _sum, _welford, _welford_partial)
 
 # Attention blocking; module-level so that tests can shrink it to reach the multi-block paths with a small N.
 BLOCK_QUERIES = 64  # queries per forward program
@@ -87,7 +87,7 @@ def _load_gn(x_ptr, b, p, pm, t, tm, C, N, gn_mean_ptr, gn_var_ptr, gnw_ptr, gnb
     # GroupNorm(1) output, rows p x tokens t of sample b, 0 outside (padding must not add gn_b to the dots)
     mask = pm[:, None] & tm[None, :]
     x = tl.load(_rows(x_ptr, b, p, t, C, N), mask=mask, other=0.0).to(ACC)
-    rstd = 1.0 / tl.sqrt(tl.load(gn_var_ptr + b) + gn_eps)
+    rstd = _inv_std(tl.load(gn_var_ptr + b), gn_eps)
     w = tl.load(gnw_ptr + p, mask=pm, other=0.0).to(ACC) * rstd
     shift = tl.load(gnb_ptr + p, mask=pm, other=0.0).to(ACC) - tl.load(gn_mean_ptr + b) * w
     return tl.where(mask, x * w[:, None] + shift[:, None], 0.0)
@@ -96,7 +96,7 @@ def _load_gn(x_ptr, b, p, pm, t, tm, C, N, gn_mean_ptr, gn_var_ptr, gnw_ptr, gnb
 @triton.jit
 def _xhat(x_ptr, b, p, t, mask, C, N, gn_mean_ptr, gn_var_ptr, gn_eps, ACC: tl.constexpr):
     x = tl.load(_rows(x_ptr, b, p, t, C, N), mask=mask, other=0.0).to(ACC)
-    rstd = 1.0 / tl.sqrt(tl.load(gn_var_ptr + b) + gn_eps)
+    rstd = _inv_std(tl.load(gn_var_ptr + b), gn_eps)
     return tl.where(mask, (x - tl.load(gn_mean_ptr + b)) * rstd, 0.0)
 
 
@@ -148,7 +148,7 @@ def _gn_stats_kernel(x_ptr, part_ptr, C, P, N, n_tblk, B, S, ACC: tl.constexpr, 
 
 
 @triton.jit
-def _qkv_kernel(x_ptr, gn_mean_ptr, gn_var_ptr, gnw_ptr, gnb_ptr, gn_eps, w_ptr, swo, swp, bias_ptr, z_ptr,
+def _qkv_kernel(x_ptr, gn_mean_ptr, gn_var_ptr, gnw_ptr, gnb_ptr, gn_eps: tl.float64, w_ptr, swo, swp, bias_ptr, z_ptr,
                 part_ptr, C, P, O, N, n_tblk, S,
                 BIAS: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                 BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -176,7 +176,7 @@ def _qkv_kernel(x_ptr, gn_mean_ptr, gn_var_ptr, gnw_ptr, gnb_ptr, gn_eps, w_ptr,
 
 
 @triton.jit
-def _attn_fwd_kernel(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps, o_ptr, lse_ptr, Q, P, O, N, n_mblk,
+def _attn_fwd_kernel(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps: tl.float64, o_ptr, lse_ptr, Q, P, O, N, n_mblk,
                      NORM: tl.constexpr, SINGLE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                      QP: tl.constexpr, PP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # BLOCK_M queries of one sample against all N keys: o = softmax(q^T k / sqrt(Q)) v^T and the row logsumexp
@@ -225,7 +225,7 @@ def _attn_fwd_kernel(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps, o_ptr, lse
 
 
 @triton.jit
-def _proj_kernel(o_ptr, x_ptr, w_ptr, swc, swj, bias_ptr, y_ptr, part_ptr, g_ptr, mean_ptr, var_ptr, eps,
+def _proj_kernel(o_ptr, x_ptr, w_ptr, swc, swj, bias_ptr, y_ptr, part_ptr, g_ptr, mean_ptr, var_ptr, eps: tl.float64,
                  C, P, N, n_tblk, S,
                  MODE: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                  BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -261,7 +261,7 @@ def _proj_kernel(o_ptr, x_ptr, w_ptr, swc, swj, bias_ptr, y_ptr, part_ptr, g_ptr
 
 
 @triton.jit
-def _bn_apply_kernel(y_ptr, x_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps, C, N, n_tblk,
+def _bn_apply_kernel(y_ptr, x_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps: tl.float64, C, N, n_tblk,
                      RESIDUAL: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
     # y = BN(z) [+ x] in place over the pre-BN values the proj kernel left in y
     bt = tl.program_id(0)
@@ -281,8 +281,8 @@ def _bn_apply_kernel(y_ptr, x_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps, C, 
 # ---- backward --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _wgrad_kernel(g_ptr, z_ptr, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps, count,
-                  a_ptr, x_ptr, gn_mean_ptr, gn_var_ptr, gnw_ptr, gnb_ptr, gn_eps,
+def _wgrad_kernel(g_ptr, z_ptr, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps: tl.float64, count,
+                  a_ptr, x_ptr, gn_mean_ptr, gn_var_ptr, gnw_ptr, gnb_ptr, gn_eps: tl.float64,
                   part_ptr, rowsum_ptr, R, K, C, P, N, n_tblk, n_tiles, per_split,
                   NORM: tl.constexpr, RIGHT_U: tl.constexpr, ROWSUM: tl.constexpr, ACC: tl.constexpr,
                   DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -314,7 +314,7 @@ def _wgrad_kernel(g_ptr, z_ptr, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps, count
 
 
 @triton.jit
-def _proj_bwd_kernel(gy_ptr, zy_ptr, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps, count,
+def _proj_bwd_kernel(gy_ptr, zy_ptr, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps: tl.float64, count,
                      w_ptr, swc, swj, o_ptr, x_ptr, go_ptr, d_ptr, gx_ptr, C, P, N, n_tblk,
                      NORM: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                      BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -372,8 +372,8 @@ def _store_ga(ga_ptr, part_ptr, g, z_ptr, b, r, rm, t, tm, O, N, s, W2, mean_ptr
 
 
 @triton.jit
-def _attn_bwd_kernel(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps, go_ptr, d_ptr, lse_ptr, ga_ptr, part_ptr,
-                     Q, P, O, N, n_blk, W2,
+def _attn_bwd_kernel(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps: tl.float64, go_ptr, d_ptr, lse_ptr, ga_ptr,
+                     part_ptr, Q, P, O, N, n_blk, W2,
                      NORM: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                      QP: tl.constexpr, PP: tl.constexpr, BLOCK: tl.constexpr):
     # One block of BLOCK tokens of one sample, as keys (program_id(1) == 0) or as queries (== 1)
@@ -426,8 +426,8 @@ def _attn_bwd_kernel(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps, go_ptr, d_
 
 
 @triton.jit
-def _gn_bwd_dn_kernel(ga_ptr, z_ptr, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps, count, w_ptr, swo, swp,
-                      x_ptr, gn_mean_ptr, gn_var_ptr, gnw_ptr, gn_eps, gx_ptr, part_ptr, spart_ptr,
+def _gn_bwd_dn_kernel(ga_ptr, z_ptr, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps: tl.float64, count, w_ptr, swo, swp,
+                      x_ptr, gn_mean_ptr, gn_var_ptr, gnw_ptr, gn_eps: tl.float64, gx_ptr, part_ptr, spart_ptr,
                       C, P, O, N, n_tblk, n_pblk, B,
                       NORM: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                       BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -462,7 +462,8 @@ def _gn_bwd_dn_kernel(ga_ptr, z_ptr, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps, 
 
 
 @triton.jit
-def _gn_bwd_dx_kernel(gx_ptr, x_ptr, gy_ptr, gn_mean_ptr, gn_var_ptr, gnw_ptr, gn_eps, ssum_ptr, C, P, N, n_tblk, B,
+def _gn_bwd_dx_kernel(gx_ptr, x_ptr, gy_ptr, gn_mean_ptr, gn_var_ptr, gnw_ptr, gn_eps: tl.float64, ssum_ptr, C, P, N,
+                      n_tblk, B,
                       RESIDUAL: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr):
     # grad_x1 = rstd * (gxhat - mean(gxhat) - xhat * mean(gxhat * xhat)) [+ grad_y], over gn left in grad_x
     bt = tl.program_id(0)
@@ -477,7 +478,7 @@ def _gn_bwd_dx_kernel(gx_ptr, x_ptr, gy_ptr, gn_mean_ptr, gn_var_ptr, gnw_ptr, g
     count = tl.cast(P, ACC) * N  # P * N values per sample, counted in ACC (no int32 product)
     m1 = tl.load(ssum_ptr + b) / count
     m2 = tl.load(ssum_ptr + B + b) / count
-    gx = (gxhat - m1 - xhat * m2) / tl.sqrt(tl.load(gn_var_ptr + b) + gn_eps)
+    gx = (gxhat - m1 - xhat * m2) * _inv_std(tl.load(gn_var_ptr + b), gn_eps)
     if RESIDUAL:
         gx += tl.load(_rows(gy_ptr, b, p, t, C, N), mask=mask, other=0.0).to(ACC)
     tl.store(_rows(gx_ptr, b, p, t, C, N), gx.to(gx_ptr.dtype.element_ty), mask=mask)

@@ -36,9 +36,9 @@ key kernel splits the queries):
 Never an N x M buffer in memory: scores live only as [queries, keys] register tiles.
 Deterministic: no atomics; every cross-program sum goes through per-split partials reduced by _sum in a fixed
 order. Accumulation is fp32 (fp64 for fp64 inputs); dots take activation-dtype operands, fp32/fp64 dots are IEEE.
-Scalars (scale, eps, GELU's constants) come in a small tensor filled on the device: a Python float argument would
-reach an fp64 kernel rounded to fp32.
-Imported from triton/shsa.py: _TL, _p2, _at, _mm, _p_ds, _sum.
+Scalars (scale, eps, GELU's constants) are `tl.float64` kernel arguments, cast to the accumulation dtype in the
+kernel: a plain float argument would reach an fp64 kernel rounded to fp32.
+Shared with the other kernels: _common's _TL, _at, _inv_std, _mm, _p2, _sum and shsa's _p_ds.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _TL, _at, _mm, _p2, _sum
+from ._common import _TL, _at, _inv_std, _mm, _p2, _sum
 from .shsa import _p_ds
 
 # Attention blocking; module-level so that tests can shrink it to reach the multi-block paths with small shapes.
@@ -190,7 +190,8 @@ def _wgrad_kernel(g_ptr, a_ptr, part_ptr, rs_ptr, Rows, O, K, C, M, N, H, W, Wo,
 # ---- spatial reduction -------------------------------------------------------------------------------------
 
 @triton.jit
-def _reduce_kernel(x_ptr, w_ptr, srb_ptr, lnw_ptr, lnb_ptr, consts_ptr, g_ptr, out_ptr, part_ptr,
+def _reduce_kernel(x_ptr, w_ptr, srb_ptr, lnw_ptr, lnb_ptr, eps: tl.float64, rsqrt_2: tl.float64,
+                   rsqrt_2pi: tl.float64, g_ptr, out_ptr, part_ptr,
                    Rows, C, M, N, H, W, Wo, R, KH, KW,
                    GATHER: tl.constexpr, BWD: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                    CP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -216,17 +217,17 @@ def _reduce_kernel(x_ptr, w_ptr, srb_ptr, lnw_ptr, lnb_ptr, consts_ptr, g_ptr, o
     z = acc + tl.load(srb_ptr + c, mask=cm, other=0.0).to(ACC)[None, :]
     mean = tl.sum(tl.where(mask, z, 0.0), axis=1) / C
     d = tl.where(mask, z - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + tl.load(consts_ptr))  # not rsqrt: also valid for fp64
+    rstd = _inv_std(tl.sum(d * d, axis=1) / C, eps)
     zhat = d * rstd[:, None]
     lw = tl.load(lnw_ptr + c, mask=cm, other=0.0).to(ACC)
     t = zhat * lw[None, :] + tl.load(lnb_ptr + c, mask=cm, other=0.0).to(ACC)[None, :]
     out = _at(r, C, 0)[:, None] + c[None, :]
     if GATHER == 2:
-        cdf = 0.5 * (1.0 + tl.math.erf(t * tl.load(consts_ptr + 1)))  # consts: [eps, sqrt(1/2), 1/sqrt(2 pi)]
+        cdf = 0.5 * (1.0 + tl.math.erf(t * tl.full([], rsqrt_2, ACC)))  # Phi(t)
     if BWD:
         g = tl.load(g_ptr + out, mask=mask, other=0.0).to(ACC)
         if GATHER == 2:  # d gelu(t) = Phi(t) + t phi(t)
-            g = g * (cdf + t * tl.exp(-0.5 * t * t) * tl.load(consts_ptr + 2))
+            g = g * (cdf + t * tl.exp(-0.5 * t * t) * tl.full([], rsqrt_2pi, ACC))
         tl.store(part_ptr + _at(pid, 2 * C, c), tl.sum(g * zhat, axis=0), mask=cm)
         tl.store(part_ptr + _at(pid, 2 * C, C + c), tl.sum(g, axis=0), mask=cm)
         gzhat = g * lw[None, :]
@@ -288,7 +289,7 @@ def _q_tile(x_ptr, qw_ptr, qb_ptr, b, i, im, col, cm, C, N, BIAS: tl.constexpr, 
 
 
 @triton.jit
-def _attn_fwd_kernel(x_ptr, qw_ptr, qb_ptr, kv_ptr, consts_ptr, o_ptr, lse_ptr, C, D, N, M, heads, n_qblk,
+def _attn_fwd_kernel(x_ptr, qw_ptr, qb_ptr, kv_ptr, qk_scale: tl.float64, o_ptr, lse_ptr, C, D, N, M, heads, n_qblk,
                      BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, DP: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # BLOCK_M queries of one sample, one head, against all M keys: o = softmax(q k^T * scale) v and the logsumexp.
@@ -301,7 +302,7 @@ def _attn_fwd_kernel(x_ptr, qw_ptr, qb_ptr, kv_ptr, consts_ptr, o_ptr, lse_ptr, 
     d = tl.arange(0, DP)
     dm = d < D
     col = h * D + d
-    scale = tl.load(consts_ptr)
+    scale = tl.full([], qk_scale, ACC)
     q = _q_tile(x_ptr, qw_ptr, qb_ptr, b, i, im, col, dm, C, N, BIAS, ACC, DOT, BLOCK_M, DP, BLOCK_K)
     m = tl.full([BLOCK_M], float("-inf"), ACC)
     den = tl.zeros([BLOCK_M], ACC)
@@ -324,8 +325,8 @@ def _attn_fwd_kernel(x_ptr, qw_ptr, qb_ptr, kv_ptr, consts_ptr, o_ptr, lse_ptr, 
 
 
 @triton.jit
-def _attn_bwd_q_kernel(x_ptr, qw_ptr, qb_ptr, kv_ptr, consts_ptr, go_ptr, o_ptr, lse_ptr, q_ptr, dd_ptr, dq_ptr,
-                       C, D, N, M, heads, n_qblk,
+def _attn_bwd_q_kernel(x_ptr, qw_ptr, qb_ptr, kv_ptr, qk_scale: tl.float64, go_ptr, o_ptr, lse_ptr, q_ptr, dd_ptr,
+                       dq_ptr, C, D, N, M, heads, n_qblk,
                        BIAS: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, DP: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # Queries i of one sample and head: q recomputed and stored (for the key kernel), D = rowsum(dO * O) stored,
@@ -339,7 +340,7 @@ def _attn_bwd_q_kernel(x_ptr, qw_ptr, qb_ptr, kv_ptr, consts_ptr, go_ptr, o_ptr,
     dm = d < D
     col = h * D + d
     mask = im[:, None] & dm[None, :]
-    scale = tl.load(consts_ptr)
+    scale = tl.full([], qk_scale, ACC)
     q = _q_tile(x_ptr, qw_ptr, qb_ptr, b, i, im, col, dm, C, N, BIAS, ACC, DOT, BLOCK_M, DP, BLOCK_K)
     tl.store(_tok(q_ptr, b, i, N, C, col), q.to(q_ptr.dtype.element_ty), mask=mask)
     go = tl.load(_tok(go_ptr, b, i, N, C, col), mask=mask, other=0.0)
@@ -360,7 +361,7 @@ def _attn_bwd_q_kernel(x_ptr, qw_ptr, qb_ptr, kv_ptr, consts_ptr, go_ptr, o_ptr,
 
 
 @triton.jit
-def _attn_bwd_kv_kernel(q_ptr, kv_ptr, consts_ptr, go_ptr, lse_ptr, dd_ptr, part_ptr, C, D, N, M, B, heads,
+def _attn_bwd_kv_kernel(q_ptr, kv_ptr, qk_scale: tl.float64, go_ptr, lse_ptr, dd_ptr, part_ptr, C, D, N, M, B, heads,
                         n_kblk, n_qblk, per_split,
                         ACC: tl.constexpr, DOT: tl.constexpr, DP: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -375,7 +376,7 @@ def _attn_bwd_kv_kernel(q_ptr, kv_ptr, consts_ptr, go_ptr, lse_ptr, dd_ptr, part
     d = tl.arange(0, DP)
     dm = d < D
     col = h * D + d
-    scale = tl.load(consts_ptr)
+    scale = tl.full([], qk_scale, ACC)
     k_t = tl.load(_tok_t(kv_ptr, b, j, M, 2 * C, col), mask=dm[:, None] & jm[None, :], other=0.0).to(DOT)
     v_t = tl.load(_tok_t(kv_ptr, b, j, M, 2 * C, C + col), mask=dm[:, None] & jm[None, :], other=0.0).to(DOT)
     dk = tl.zeros([BLOCK_N, DP], ACC)
@@ -411,14 +412,6 @@ class _Ctx:
 
     def empty(self, *shape) -> torch.Tensor:
         return torch.empty(shape, dtype=self.acc, device=self.dev)
-
-    def consts(self, *values) -> torch.Tensor:
-        """Scalars in the accumulation dtype, as a tensor: a float argument would reach the kernel as fp32. Filled on
-        the device (no host-to-device copy: CUDA-graph capturable)."""
-        t = torch.empty(len(values), dtype=self.acc, device=self.dev)
-        for i, v in enumerate(values):
-            t[i].fill_(v)
-        return t
 
     def splits(self, n_items: int, other_programs: int) -> tuple[int, int]:
         """(splits, items per split) of a split-K loop over n_items next to other_programs programs."""
@@ -506,9 +499,9 @@ def _reduce(x, h, w, sr_w, sr_b, ln_w, ln_b, eps, sr_ratio, linear, g_red=None):
     bwd = g_red is not None
     out = ctx.empty(rows, C) if bwd else torch.empty(B, geo.M, C, dtype=x.dtype, device=x.device)
     part = ctx.empty(n_tiles, 2 * C) if bwd else out
-    consts = ctx.consts(eps, 0.5 ** 0.5, (2 * math.pi) ** -0.5)
     _reduce_kernel[(n_tiles,)](
-        x, sr_w, sr_b, ln_w, ln_b, consts, g_red if bwd else out, out, part, rows, *geo.args(),
+        x, sr_w, sr_b, ln_w, ln_b, eps, 0.5 ** 0.5, (2 * math.pi) ** -0.5, g_red if bwd else out, out, part, rows,
+        *geo.args(),
         GATHER=geo.gather, BWD=bwd, CP=cp, BLOCK_T=block_t, BLOCK_K=block_k, num_warps=_GEMM_WARPS, **ctx.meta)
     return (out, part, geo, ctx) if bwd else out
 
@@ -553,7 +546,7 @@ class _Attn:
         self.B, self.N, self.C = x.shape
         self.M, self.heads, self.D = red.shape[1], num_heads, self.C // num_heads
         self.DP = _p2(self.D)
-        self.scale = ctx.consts(scale)
+        self.scale = scale
         B, M, C = self.B, self.M, self.C
         self.kv = _linear(ctx, self.red, B * M, C, self.kv_w, 1, C, 2 * C,
                           torch.empty(B, M, 2 * C, dtype=x.dtype, device=x.device),

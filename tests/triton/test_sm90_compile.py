@@ -2,6 +2,8 @@
 SHViT's and PVT's shapes, in float16 and float32 (tests/triton/sm90.py; its CLI runs all four dtypes and every
 int class). No GPU is needed: Triton's CUDA backend and ptxas run on the CPU. A few minutes on two cores; Triton's
 cache makes a rerun of unchanged kernels instant."""
+import importlib
+import inspect
 import json
 import os
 import pathlib
@@ -25,6 +27,11 @@ def _has_cuda_backend() -> bool:
     return nvidia_tool("ptxas").exists() and nvidia_tool("cuobjdump").exists()
 
 
+def _params(launch: dict) -> list[str]:
+    """The kernel's parameter names (a JITFunction, or an InterpretedFunction in this process: both wrap .fn)."""
+    return list(inspect.signature(getattr(importlib.import_module(launch["module"]), launch["kernel"]).fn).parameters)
+
+
 @pytest.mark.skipif(not _has_cuda_backend(), reason="this triton has no CUDA backend / ptxas")
 def test_triton_kernels_compile_for_sm90(tmp_path):
     out = tmp_path / "sm90.json"
@@ -38,6 +45,10 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     every = {f"{mod.__name__}.{name}" for mod, name, _ in triton_kernels()}
     assert {f"{r['module']}.{r['kernel']}" for r in results} == every, "a kernel was never launched"
     assert len(results) >= 700, report  # both dtypes' launch configurations, not a truncated recording
+    # A float argument not annotated `tl.float64` reaches a compiled kernel as fp32 (the interpreter keeps a Python
+    # float): an fp64 kernel's eps or scale would be rounded to fp32
+    fp32_scalars = {f"{r['kernel']}.{p}" for r in results for p, (ty, _) in zip(_params(r), r["spec"]) if ty == "fp32"}
+    assert not fp32_scalars, f"float arguments typed fp32 (annotate them tl.float64): {sorted(fp32_scalars)}"
     assert max(r["shared"] for r in results) <= SMEM_LIMIT, report
     assert all(0 < r["regs"] <= 255 for r in results), report
     assert proc.returncode == 0, proc.stderr[-3000:]
