@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import shvit_kernels as sk
-from tests.gpu.test_cuda_backend import _close
+from tests.gpu.test_cuda_backend import _close, relu_masked
 from tests.ops.test_pw_conv_bn import _fused, _stock
 
 pytestmark = pytest.mark.gpu
@@ -54,10 +54,14 @@ def test_pw_conv_bn_triton(dtype, shape, channels_last, gated, relu, train):
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last if channels_last else
                                                 torch.contiguous_format)
     ys, stock_leaves = _run(_stock, x, weight, vectors, gate, relu, train, gy, dtype)  # stock in the activation dtype
-    yo, oracle_leaves = _run(_stock, x, weight, vectors, gate, relu, train, gy, torch.float64)
+    yo, _ = _run(_stock, x, weight, vectors, gate, relu, train, gy, torch.float64)
     _close("y", y, ys, yo)
-    for i, (a, s, o) in enumerate(zip(leaves, stock_leaves, oracle_leaves, strict=True)):
-        _close(f"grad {i}", a.grad, s.grad, o.grad)
+
+    def oracle_grads(y_mask):  # float64, at y_mask's ReLU mask
+        return _run(_stock, x, weight, vectors, gate, False, train, relu_masked(gy, y_mask, relu), torch.float64)[1]
+
+    for i, (a, s, o, so) in enumerate(zip(leaves, stock_leaves, oracle_grads(y), oracle_grads(ys), strict=True)):
+        _close(f"grad {i}", a.grad, s.grad, o.grad, so.grad)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
