@@ -3,13 +3,14 @@
 # benchmarks. Writes benchmarks/results/<gpu>-<date>.{json,md,png} (CLI: ops and models, GPU name, driver,
 # torch/triton versions) and <gpu>-<date>-pytest.json (pytest-benchmark), plus logs/, under $OUT when it is set.
 #
-#   bash benchmarks/gpu_suite.sh       # all stages: build test suite sanitize auto bench profile pytest-bench
+#   bash benchmarks/gpu_suite.sh       # all stages: build test suite sanitize auto bench profile tune pytest-bench
 #   bash benchmarks/gpu_suite.sh build test sanitize    # or any of them, in the order given
 #
 # Stages: build (pip install -e . with the CUDA kernels), test (the `gpu`-marked tests), suite (the whole test suite
 # on the GPU, where every Triton test runs compiled instead of interpreted; pytest-xdist), sanitize
 # (compute-sanitizer), auto (auto's measured table), bench (ops and models), profile (each op case kernel by kernel,
-# benchmarks/gpu_profile.py), pytest-bench.
+# benchmarks/gpu_profile.py), tune (the Triton launchers' tile constants swept per op, benchmarks/gpu_tune.py),
+# pytest-bench.
 # About 25 minutes of device time in all. Where one command may run at most 10 minutes (the lent machines), run it
 # as several calls, each within SUITE_BUDGET_S; a fresh machine needs `build` again (about a minute on 16 cores; the
 # built extension is larger than such a machine returns).
@@ -137,13 +138,18 @@ stage_profile() {
     --backends $(cuda_backends) --markdown "$stem-profile.md"
 }
 
+stage_tune() {
+  # Each op's Triton tile constants swept on the bench's cases, eval forward (benchmarks/gpu_tune.py).
+  run_stage tune "$py" -m benchmarks.gpu_tune --device cuda --dtype float16 --batch 256 --markdown "$stem-tune.md"
+}
+
 stage_pytest_bench() {
   # The compile variants are timed by the bench stage (max-autotune compiles cost minutes; once is enough).
   SHVIT_BENCH_COMPILE=0 run_stage pytest-bench "$py" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
     --benchmark-json "$stem-pytest.json" --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 }
 
-all_stages=(build test suite sanitize auto bench profile pytest-bench)
+all_stages=(build test suite sanitize auto bench profile tune pytest-bench)
 stages=("$@")
 (( ${#stages[@]} )) || stages=("${all_stages[@]}")
 for s in "${stages[@]}"; do
@@ -158,6 +164,7 @@ for s in "${stages[@]}"; do
     auto) stage_auto ;;
     bench) stage_bench ;;
     profile) stage_profile ;;
+    tune) stage_tune ;;
     pytest-bench) stage_pytest_bench ;;
   esac
 done

@@ -111,3 +111,33 @@ def test_gpu_profile_reports_each_implementation(tmp_path):
         for impl in ("stock", "fused auto"):
             assert f"| {mode} | {impl}: wall " in text
     assert "dwconv_bn" in text and "ms  x" in text
+
+
+def test_gpu_tune_sweeps_restores_and_reports(tmp_path, monkeypatch):
+    """benchmarks.gpu_tune on the CPU (Triton under the interpreter), on a tiny depthwise case: every setting of the
+    grid is checked and timed (the module's default marked), a setting that cannot compile is reported instead, and
+    the constants are back to their defaults afterwards."""
+    import shvit_kernels as sk
+    from benchmarks import gpu_tune
+    from shvit_kernels import bench
+    from shvit_kernels.reference import residual_dwconv
+    from shvit_kernels.roofline import dwconv_bn_cost
+    from shvit_kernels.triton import dwconv_bn
+
+    if "triton" not in sk.available_backends():
+        pytest.skip("triton unavailable")
+    tiny = bench.Case("dwconv_bn", "1x8x5x5 k3", lambda: residual_dwconv(8), (1, 8, 5, 5),
+                      lambda e: dwconv_bn_cost(1, 8, 5, 5, 3, 1, e))
+    monkeypatch.setattr(bench, "cases", lambda batch: [tiny])
+    monkeypatch.setitem(gpu_tune.KNOBS, "dwconv_bn", {"_TILE": [0, 256]})  # 0: no tile, cannot run
+    tile = dwconv_bn._TILE
+    out = tmp_path / "tune.md"
+    gpu_tune.main(["--device", "cpu", "--dtype", "float32", "--batch", "1", "--mode", "eval fwd", "--markdown",
+                   str(out)])
+    text = out.read_text()
+    assert dwconv_bn._TILE == tile
+    assert f"_TILE={tile} (default): " in text and "_TILE=256: " in text and "% roofline" in text
+    assert "_TILE=0: not timed, " in text
+    assert "eval fwd: best _TILE=" in text
+    with pytest.raises(KeyError, match="_NO_SUCH_TILE"), gpu_tune.setting({"_NO_SUCH_TILE": 1}):
+        pass
