@@ -27,8 +27,8 @@ from .convert import convert
 from .nn import SRA as FusedSRA
 from .reference import FFN, SRA, BN_Linear, Conv2d_BN, PatchMerging, Residual, SHSA, residual_dwconv
 from .reference.patch_merging import make_divisible
-from .roofline import (MODES, Ceilings, Cost, dwconv_bn_cost, ffn_cost, patch_merging_cost, rotate, rotation_sets, shsa_cost, sra_cost,
-                       time_ms)
+from .roofline import (MODES, Ceilings, Cost, dwconv_bn_cost, ffn_cost, patch_merging_cost, peak_mib, rotate, rotation_sets,
+                       shsa_cost, sra_cost, time_ms)
 
 __all__ = ["IMPLS", "MODES", "Case", "Prepared", "Result", "add_compiled", "cases", "compile_module", "environment",
            "fold_stock", "format_table", "has_bn", "prepare", "randomize_bn", "run_case", "table", "time_ms"]
@@ -57,6 +57,8 @@ class Result:
     input_sets: int                      # inputs rotated over, to defeat the cache
     folded_ms: float | None = None       # stock eager with its BatchNorms folded (eval forward of a case with BN)
     speedup_vs_folded: float | None = None
+    stock_peak_mib: float | None = None  # CUDA: peak memory one call allocates above what it starts with
+    fused_peak_mib: float | None = None
     fused_gbps: float = dataclasses.field(init=False)  # achieved: the fewest bytes over the fused time
 
     def __post_init__(self):
@@ -119,8 +121,10 @@ class Case:
 
 def cases(batch: int) -> list[Case]:
     """SHViT-S4 shapes of the issues, stage 1 (224 ch, 16x16 at 256 px: depthwise block and FFN 224 -> 448 -> 224),
-    the PatchMerging into stage 2 (its 1x1 convs on `pw_conv_bn`) and stage 2's SHSA (336 ch, pdim 72, 8x8), and PVTv2-b2's stage 1 and 2 attention (56x56 tokens, 64 ch, one head,
-    sr 8; 28x28 tokens, 128 ch, two heads, sr 4) against stock PVT and stock with SDPA ("sdpa" rows)."""
+    the PatchMerging into stage 2 (its 1x1 convs on `pw_conv_bn`), the SHSA of stages 2 and 3 (336 ch, pdim 72, 8x8;
+    448 ch, pdim 96, 4x4) and at detection size (336 ch, pdim 72, 42x25 tokens, always batch 8), and PVTv2-b2's
+    stage 1 and 2 attention (56x56 tokens, 64 ch, one head, sr 8; 28x28 tokens, 128 ch, two heads, sr 4) against
+    stock PVT and stock with SDPA ("sdpa" rows)."""
     return [
         Case("dwconv_bn", f"{batch}x224x16x16 k3", lambda: residual_dwconv(224), (batch, 224, 16, 16),
              lambda e: dwconv_bn_cost(batch, 224, 16, 16, 3, 1, e)),
@@ -130,6 +134,10 @@ def cases(batch: int) -> list[Case]:
              (batch, 224, 16, 16), lambda e: patch_merging_cost(batch, 224, 336, 16, 16, make_divisible(224), e)),
         Case("shsa", f"{batch}x336x8x8 p72", lambda: Residual(SHSA(336, 16, 72)), (batch, 336, 8, 8),
              lambda e: shsa_cost(batch, 336, 72, 16, 64, e)),
+        Case("shsa", f"{batch}x448x4x4 p96", lambda: Residual(SHSA(448, 16, 96)), (batch, 448, 4, 4),
+             lambda e: shsa_cost(batch, 448, 96, 16, 16, e)),
+        Case("shsa", "8x336x42x25 p72 detection", lambda: Residual(SHSA(336, 16, 72)), (8, 336, 42, 25),
+             lambda e: shsa_cost(8, 336, 72, 16, 42 * 25, e)),
         *(Case("sra", f"{batch}x{hw * hw}x{dim} h{heads} sr{sr}{tag}", _sra_maker(cls, dim, heads, sr),
                (batch, hw * hw, dim), _sra_cost(batch, hw, dim, heads, sr), args=(hw, hw),
                make_fused=FusedSRA.from_module)
@@ -254,6 +262,8 @@ def run_case(case: Case, mode: str, device: torch.device, dtype: torch.dtype, co
                None, ms["stock"] / ms["fused"], None, p.max_err, p.stock_err, p.cost.flops / 1e9, p.cost.bytes / 1e6,
                ceilings.bound(p.cost), ceilings.pct(p.cost, ms["fused"]), ceilings.pct(p.cost, ms["stock"]), None,
                p.input_sets)
+    r.stock_peak_mib = peak_mib(p.fns["stock"], device, above_current=True)
+    r.fused_peak_mib = peak_mib(p.fns["fused"], device, above_current=True)
     if compile_stock:
         _fill_compiled(r, ms["compiled"], ceilings)
     if folded:
@@ -385,11 +395,17 @@ def table(head: list[str], rows: list[list[str]], markdown: bool = False) -> str
     return "\n".join(lines)
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def format_table(results: list[Result], markdown: bool = False) -> str:
     head = ["op", "mode", "shape", "dtype", "backend", "eager ms", "folded ms", "compile ms", "fused ms", "vs eager",
-            "vs folded", "vs compile", "fused GB/s", "fused % roofline", "eager % roofline", "max err", "stock err"]
+            "vs folded", "vs compile", "fused GB/s", "fused % roofline", "eager % roofline", "peak vs eager", "max err",
+            "stock err"]
     rows = [[r.op, r.mode, r.shape, r.dtype, r.backend, f"{r.stock_ms:.3f}", fmt(r.folded_ms, ".3f"),
              fmt(r.compiled_ms, ".3f"), f"{r.fused_ms:.3f}", f"{r.speedup:.2f}x", fmt(r.speedup_vs_folded, ".2f", "x"),
              fmt(r.speedup_vs_compiled, ".2f", "x"), f"{r.fused_gbps:.1f}", f"{r.fused_roofline_pct:.1f}% ({r.bound})",
-             f"{r.stock_roofline_pct:.1f}%", f"{r.max_err:.1e}", f"{r.stock_err:.1e}"] for r in results]
+             f"{r.stock_roofline_pct:.1f}%", fmt(_ratio(r.fused_peak_mib, r.stock_peak_mib), ".2f", "x"),
+             f"{r.max_err:.1e}", f"{r.stock_err:.1e}"] for r in results]
     return table(head, rows, markdown)

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import models
 from .bench import compile_module, randomize_bn
-from .roofline import Ceilings, sync, time_ms
+from .roofline import Ceilings, peak_mib, time_ms
 
 MODELS = {"S1": "shvit_s1", "S2": "shvit_s2", "S3": "shvit_s3", "S4": "shvit_s4"}
 SCENARIOS = ("infer b1", "infer batch", "train step")
@@ -141,16 +141,6 @@ def make_call(m: nn.Module, scenario: str, device: torch.device, dtype: torch.dt
         return cuda_graph(fn), "CUDA graph"
     except RuntimeError as e:  # a kernel that cannot be captured: time it launched one by one, and say so
         return fn, f"no CUDA graph ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
-
-
-def peak_mib(fn: Callable[[], object], device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    sync(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 @dataclasses.dataclass

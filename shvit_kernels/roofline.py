@@ -39,6 +39,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def peak_mib(fn: Callable[[], object], device: torch.device, above_current: bool = False) -> float | None:
+    """Peak memory allocated during one call of fn, in MiB (CUDA only; None elsewhere). above_current: less what was
+    allocated before the call, i.e. the call's own working memory (outputs, saved activations, temporaries)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    before = torch.cuda.memory_allocated(device) if above_current else 0
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 20, warmup: int = 3,
             rep_ms: float = 100.0, stat: str = "median") -> float:
     """Time of one call of fn in ms, the median (or the "min") of repeated calls after warm-up. CUDA: do_bench over
