@@ -12,15 +12,14 @@ at the next thing to fuse or tune. On the CPU it reports the ATen ops that take 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks._args import case_parser
 from shvit_kernels import bench
-from shvit_kernels.roofline import MODES
 
 
 @dataclasses.dataclass
@@ -90,12 +89,8 @@ def format_profile(p: Profile) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16", "float64"])
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--ops", nargs="*", choices=["dwconv_bn", "ffn", "pw_conv_bn", "shsa", "sra"])
-    parser.add_argument("--mode", nargs="+", default=["eval fwd", "train fwd+bwd"], choices=MODES)
+    parser = case_parser(__doc__.split("\n\n")[0], ["dwconv_bn", "ffn", "pw_conv_bn", "shsa", "sra"],
+                         ["eval fwd", "train fwd+bwd"])
     parser.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "reference", "cpu", "triton",
                                                                             "cuda"])
     parser.add_argument("--calls", type=int, default=20, help="profiled calls per row (after 3 warm-up calls)")

@@ -12,7 +12,6 @@ here becomes the new default only with its figure committed beside it; `gpu_prof
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import importlib
@@ -22,8 +21,9 @@ import pkgutil
 import torch
 
 import shvit_kernels.triton as triton_pkg
+from benchmarks._args import case_parser
 from shvit_kernels import bench
-from shvit_kernels.roofline import MODES, measure_ceilings, time_ms
+from shvit_kernels.roofline import measure_ceilings, time_ms
 
 # op -> {constant: values}, swept as a grid; the module's current value (the default) is always in it
 KNOBS: dict[str, dict[str, list[int]]] = {
@@ -123,12 +123,7 @@ def best(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16", "float64"])
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--ops", nargs="*", choices=sorted(KNOBS))
-    parser.add_argument("--mode", nargs="+", default=["eval fwd"], choices=MODES)
+    parser = case_parser(__doc__.split("\n\n")[0], sorted(KNOBS), ["eval fwd"])
     parser.add_argument("--markdown", metavar="PATH", help="also write the rows there")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
