@@ -430,7 +430,7 @@ def test_triton_specialisations_are_bounded(launch_keys):
             for s, c in zip(spec, is_constexpr):
                 if not c:
                     assert s in (("constexpr", 1), ("i32", "D"), ("i32", "")) or (s[0][0] == "*" and s[1] == "D") \
-                        or s[0] == "fp32", (kernel, s)
+                        or s[0] == "fp64", (kernel, s)  # floats: tl.float64 (test_eps_fp64)
     meta_all = _union(launch_keys, [(16 * h, 16 * h) for h in SWEEP], _meta)
     meta_low = _union(launch_keys, [(16 * h, 16 * h) for h in SWEEP if h <= SATURATED], _meta)
     meta_five = _union(launch_keys, RESOLUTIONS, _meta)
