@@ -32,11 +32,17 @@ def _mm(a, b, acc, ACC: tl.constexpr):
 
 
 @triton.jit
+def _scalar(v, dtype: tl.constexpr):
+    # A float kernel argument in `dtype`. Kernels annotate such arguments `tl.float64` (a plain float argument would
+    # reach an fp64 kernel rounded to fp32). tl.full, not tl.cast: the interpreter passes a Python float, which
+    # tl.cast would round to fp32 first
+    return tl.full([], v, dtype)
+
+
+@triton.jit
 def _inv_std(var, eps):
-    # 1 / sqrt(var + eps) in var's dtype (not rsqrt: also valid for fp64). Kernels take eps as `tl.float64`: a plain
-    # float argument would reach an fp64 kernel rounded to fp32. tl.full, not tl.cast: the interpreter passes eps as a
-    # Python float, which tl.cast would round to fp32 first
-    return 1.0 / tl.sqrt(var + tl.full([], eps, var.dtype))
+    # 1 / sqrt(var + eps) in var's dtype (not rsqrt: also valid for fp64); eps: a tl.float64 argument (_scalar)
+    return 1.0 / tl.sqrt(var + _scalar(eps, var.dtype))
 
 
 @triton.jit

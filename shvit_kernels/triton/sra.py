@@ -36,9 +36,9 @@ key kernel splits the queries):
 Never an N x M buffer in memory: scores live only as [queries, keys] register tiles.
 Deterministic: no atomics; every cross-program sum goes through per-split partials reduced by _sum in a fixed
 order. Accumulation is fp32 (fp64 for fp64 inputs); dots take activation-dtype operands, fp32/fp64 dots are IEEE.
-Scalars (scale, eps, GELU's constants) are `tl.float64` kernel arguments, cast to the accumulation dtype in the
-kernel: a plain float argument would reach an fp64 kernel rounded to fp32.
-Shared with the other kernels: _common's _TL, _at, _inv_std, _mm, _p2, _sum and shsa's _p_ds.
+Scalars (scale, eps, GELU's constants) are `tl.float64` kernel arguments, taken in the accumulation dtype by
+_common._scalar: a plain float argument would reach an fp64 kernel rounded to fp32.
+Shared with the other kernels: _common's _TL, _at, _inv_std, _mm, _p2, _scalar, _sum and shsa's _p_ds.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _TL, _at, _inv_std, _mm, _p2, _sum
+from ._common import _TL, _at, _inv_std, _mm, _p2, _scalar, _sum
 from .shsa import _p_ds
 
 # Attention blocking; module-level so that tests can shrink it to reach the multi-block paths with small shapes.
@@ -223,11 +223,11 @@ def _reduce_kernel(x_ptr, w_ptr, srb_ptr, lnw_ptr, lnb_ptr, eps: tl.float64, rsq
     t = zhat * lw[None, :] + tl.load(lnb_ptr + c, mask=cm, other=0.0).to(ACC)[None, :]
     out = _at(r, C, 0)[:, None] + c[None, :]
     if GATHER == 2:
-        cdf = 0.5 * (1.0 + tl.math.erf(t * tl.full([], rsqrt_2, ACC)))  # Phi(t)
+        cdf = 0.5 * (1.0 + tl.math.erf(t * _scalar(rsqrt_2, ACC)))  # Phi(t)
     if BWD:
         g = tl.load(g_ptr + out, mask=mask, other=0.0).to(ACC)
         if GATHER == 2:  # d gelu(t) = Phi(t) + t phi(t)
-            g = g * (cdf + t * tl.exp(-0.5 * t * t) * tl.full([], rsqrt_2pi, ACC))
+            g = g * (cdf + t * tl.exp(-0.5 * t * t) * _scalar(rsqrt_2pi, ACC))
         tl.store(part_ptr + _at(pid, 2 * C, c), tl.sum(g * zhat, axis=0), mask=cm)
         tl.store(part_ptr + _at(pid, 2 * C, C + c), tl.sum(g, axis=0), mask=cm)
         gzhat = g * lw[None, :]
@@ -302,7 +302,7 @@ def _attn_fwd_kernel(x_ptr, qw_ptr, qb_ptr, kv_ptr, qk_scale: tl.float64, o_ptr,
     d = tl.arange(0, DP)
     dm = d < D
     col = h * D + d
-    scale = tl.full([], qk_scale, ACC)
+    scale = _scalar(qk_scale, ACC)
     q = _q_tile(x_ptr, qw_ptr, qb_ptr, b, i, im, col, dm, C, N, BIAS, ACC, DOT, BLOCK_M, DP, BLOCK_K)
     m = tl.full([BLOCK_M], float("-inf"), ACC)
     den = tl.zeros([BLOCK_M], ACC)
@@ -340,7 +340,7 @@ def _attn_bwd_q_kernel(x_ptr, qw_ptr, qb_ptr, kv_ptr, qk_scale: tl.float64, go_p
     dm = d < D
     col = h * D + d
     mask = im[:, None] & dm[None, :]
-    scale = tl.full([], qk_scale, ACC)
+    scale = _scalar(qk_scale, ACC)
     q = _q_tile(x_ptr, qw_ptr, qb_ptr, b, i, im, col, dm, C, N, BIAS, ACC, DOT, BLOCK_M, DP, BLOCK_K)
     tl.store(_tok(q_ptr, b, i, N, C, col), q.to(q_ptr.dtype.element_ty), mask=mask)
     go = tl.load(_tok(go_ptr, b, i, N, C, col), mask=mask, other=0.0)
@@ -376,7 +376,7 @@ def _attn_bwd_kv_kernel(q_ptr, kv_ptr, qk_scale: tl.float64, go_ptr, lse_ptr, dd
     d = tl.arange(0, DP)
     dm = d < D
     col = h * D + d
-    scale = tl.full([], qk_scale, ACC)
+    scale = _scalar(qk_scale, ACC)
     k_t = tl.load(_tok_t(kv_ptr, b, j, M, 2 * C, col), mask=dm[:, None] & jm[None, :], other=0.0).to(DOT)
     v_t = tl.load(_tok_t(kv_ptr, b, j, M, 2 * C, C + col), mask=dm[:, None] & jm[None, :], other=0.0).to(DOT)
     dk = tl.zeros([BLOCK_N, DP], ACC)

@@ -5,6 +5,8 @@ BatchNorms, SHSA's GroupNorm, SRA's LayerNorm) on inputs scaled to such variance
 
 Devices and the interpreter: tests/triton/__init__.py.
 """
+import importlib
+
 import pytest
 import torch
 
@@ -12,8 +14,8 @@ from tests.triton import triton_device
 
 DEVICE = triton_device()
 
-from shvit_kernels import reference  # noqa: E402
-from shvit_kernels import triton as kernels  # noqa: E402
+from shvit_kernels import reference
+from shvit_kernels import triton as kernels
 
 EPS = 1e-5
 SMALL = 3e-3  # input scale: the normalised variances come out ~1e-5, the size of eps
@@ -51,7 +53,7 @@ def _tensors(out):
 def test_eps_is_float64(op):
     name, args = _cases()[op]
     want = getattr(getattr(reference, op), name)(*args)
-    kernel = getattr(__import__(f"{kernels.__name__}.{op}", fromlist=[name]), name)
+    kernel = getattr(importlib.import_module(f"{kernels.__name__}.{op}"), name)
     got = kernel(*[a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args])
     for i, (a, b) in enumerate(zip(_tensors(got), _tensors(want), strict=True)):
         err = ((a.cpu().double() - b).abs().max() / b.abs().max()).item()
