@@ -27,7 +27,7 @@ from shvit_kernels.roofline import measure_ceilings, time_ms
 
 # op -> {constant: values}, swept as a grid; the module's current value (the default) is always in it
 KNOBS: dict[str, dict[str, list[int]]] = {
-    "dwconv_bn": {"_TILE": [512, 1024, 2048, 4096], "_WARPS": [2, 4, 8]},
+    "dwconv_bn": {"_TILE": [1024, 2048], "_WARPS": [4, 8], "_IMAGES": [1, 4, 8], "_ROW_PX": [128, 256]},
     "pw_conv_bn": {"_BLOCK_R": [64, 128], "_BLOCK_K": [32, 64], "_GEMM_WARPS": [4, 8]},
     "ffn": {"_FUSED_ACC": [4096, 8192, 16384], "_BLOCK_T": [32, 64, 128], "_GEMM_WARPS": [4, 8]},
     "shsa": {"_ATTN_TILE": [4096, 8192, 16384], "_BLOCK_R": [32, 64, 128], "_GEMM_WARPS": [4, 8]},

@@ -6,7 +6,6 @@ test_triton_specialisations_are_bounded does. Prints, per row, (compiled variant
 tuples)."""
 import os
 import random
-import types
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -16,8 +15,7 @@ import torch
 import shvit_kernels as sk
 from shvit_kernels.nn import ConvBN
 from shvit_kernels.nn._match import is_pointwise
-from shvit_kernels.triton import _common
-from tests.helpers import replace_triton_kernels
+from tests.helpers import replace_triton_kernels, size_launchers_for_gpu, triton_compile_key
 from tests.integration import test_workflows as W
 
 
@@ -26,13 +24,7 @@ def main() -> None:
 
     def record(name, kernel, grid, args, kwargs):
         key = f"{kernel.fn.__module__.rsplit('.', 1)[-1]}.{name}"
-        seen.setdefault(key, set()).add(W._compile_key(binders, kernel, args, kwargs))
-
-    shape_init = _common._Shape.__init__
-
-    def as_on_gpu(self, x):
-        shape_init(self, types.SimpleNamespace(shape=x.shape, dtype=x.dtype, device=torch.device("cuda")))
-        self.dev = x.device
+        seen.setdefault(key, set()).add(triton_compile_key(binders, kernel, args, kwargs))
 
     model = sk.convert(W._stock(), channels_last=False)
     torch.set_num_threads(1)
@@ -56,7 +48,7 @@ def main() -> None:
             "200 detection sizes, eval": (detection, True, False)}
     with pytest.MonkeyPatch.context() as mp, W._backend("triton"):
         replace_triton_kernels(mp, record)
-        mp.setattr(_common._Shape, "__init__", as_on_gpu)
+        size_launchers_for_gpu(mp)
         mp.setattr(ConvBN, "_runs_op", lambda self, x, train, gated: is_pointwise(self))  # ConvBN as on CUDA
         for name, args in rows.items():
             print(f"{name}: {count(*args)}", flush=True)

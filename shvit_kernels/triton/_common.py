@@ -1,5 +1,5 @@
-"""Shared pieces of the Triton kernels (shsa, ffn): GEMM tile constants, device helpers (64-bit partial offsets,
-IEEE dots, BatchNorm coefficients and backward, Welford partials), the fixed-order reductions of per-tile partials
+"""Shared pieces of the Triton kernels (shsa, ffn, dwconv_bn): GEMM tile constants, device helpers (64-bit partial
+offsets, IEEE dots, BatchNorm coefficients and backward, Welford partials), the fixed-order reductions of per-tile partials
 (`_welford_kernel`, `_sum_kernel`) and their host launchers, and the host-side sizing every launcher starts from.
 """
 from __future__ import annotations
@@ -87,15 +87,21 @@ def _store_wgrad(part_ptr, rowsum_ptr, acc, rs, sp, r, rm, k, km, R, K, ROWSUM: 
 
 
 @triton.jit
+def _welford_store(part_ptr, s, S, R, r, rm, mean, m2, n):
+    # Rows r's (mean, M2, count) at [., s, r] of a (3, S, R) Welford partial buffer
+    off = _at(s, R, r)
+    plane = _at(S, R, 0)
+    tl.store(part_ptr + off, mean, mask=rm)
+    tl.store(part_ptr + plane + off, m2, mask=rm)
+    tl.store(part_ptr + 2 * plane + off, tl.zeros_like(mean) + n, mask=rm)
+
+
+@triton.jit
 def _welford_partial(part_ptr, s, S, R, r, rm, v, mask, n):
     # (mean, M2, count) of the valid entries of each row of v (invalid entries hold 0) at [., s, r] of (3, S, R)
     mean = tl.sum(v, axis=1) / n
     d = tl.where(mask, v - mean[:, None], 0.0)
-    off = _at(s, R, r)
-    plane = _at(S, R, 0)
-    tl.store(part_ptr + off, mean, mask=rm)
-    tl.store(part_ptr + plane + off, tl.sum(d * d, axis=1), mask=rm)
-    tl.store(part_ptr + 2 * plane + off, tl.zeros_like(mean) + n, mask=rm)
+    _welford_store(part_ptr, s, S, R, r, rm, mean, tl.sum(d * d, axis=1), n)
 
 
 # ---- reductions ------------------------------------------------------------------------------------------

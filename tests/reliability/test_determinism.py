@@ -5,7 +5,7 @@ random inputs, gives bitwise identical outputs and gradients on every backend th
 Audit of the kernels for scheduling-dependent arithmetic (issue #10, point 3):
 - Triton (shvit_kernels/triton): no `tl.atomic_*` anywhere. Every cross-program reduction (BatchNorm / GroupNorm
   statistics, bias and BN-parameter gradients, the depthwise weight gradient, SHSA's and FFN's split-K weight
-  gradients) writes per-program partials that a second kernel (`_row_sum` / `_sum` / `_welford`) adds in a fixed order;
+  gradients) writes per-program partials that a second kernel (`_sum` / `_welford`) adds in a fixed order;
   tile sizes and the split-K factor depend on the shape and device type only. Deterministic by construction: no mode
   to switch.
 - CUDA (csrc/cuda): no `atomicAdd`; per-block partials reduced in a fixed order (reduce.cu), fixed shuffle / shared

@@ -146,7 +146,7 @@ def test_triton_dwconv_grids(launches, shape, fmt, stride):
     gx, *_ = tdw.train_bwd(y, x, wt, v, mean, var, y2, 1e-5, stride, stride == 1, True)
     assert y.shape == y2.shape == (b, c, (h - 1) // stride + 1, (w - 1) // stride + 1) and gx.shape == x.shape
     _assert_grids_fit(launches, ["_fwd_eval_kernel", "_fwd_stats_kernel", "_welford_kernel", "_fwd_apply_kernel",
-                                 "_bwd_stats_kernel", "_bwd_dz_kernel", "_row_sum_kernel", "_bwd_dx_kernel"])
+                                 "_bwd_stats_kernel", "_bwd_dz_kernel", "_sum_kernel", "_bwd_dx_kernel"])
 
 
 @needs_triton
@@ -245,23 +245,23 @@ def test_triton_pw_conv_bn_grids(launches, shape, fmt):
 # ---- Triton index helpers with overflowing operands --------------------------------------------------------------
 
 if triton is not None:
-    _ptrs, _tap_off, _count = tdw._ptrs, tdw._tap_off, tdw._count
+    _ptrs, _img, _tap_off, _count = tdw._ptrs, tdw._img, tdw._tap_off, tdw._count
     _rows, _rows_t, _at = tsh._rows, tsh._rows_t, tsh._at
     _tok_ptrs = tffn._ptrs
 
     @triton.jit
-    def _probe_kernel(out_ptr, cnt_ptr, b, c, h, w, sb, sc, sh, sw, dh, dw, P, n_tiles, hwo, s, R, r, N, t):
+    def _probe_kernel(out_ptr, cnt_ptr, b, c, h, w, sb, sc, sh, sw, dh, dw, B, hwo, s, R, r, N, t):
         # Each helper with a zero int64 "pointer", so that the offset it adds comes out as a number.
         zero = tl.cast(0, tl.int64)
         one = tl.zeros([1], tl.int32)
         i = tl.arange(0, 1)
-        tl.store(out_ptr + 0 + i[:, None], _ptrs(zero, b, c + one, h + one, w + one, sb, sc, sh, sw))
+        tl.store(out_ptr + 0 + i[:, None], _ptrs(zero + _img(b, sb), c + one, h + one, w + one, sc, sh, sw))
         tl.store(out_ptr + 1, _tap_off(dh, dw, sh, sw))
         tl.store(out_ptr + 2 + i[:, None], _rows(zero, s, r + one, t + one, R, N))
         tl.store(out_ptr + 3 + i[:, None], _rows_t(zero, s, r + one, t + one, R, N))
         tl.store(out_ptr + 4, _at(s, R, r))
         tl.store(out_ptr + 5 + i[:, None], _tok_ptrs(zero, b, sb, r + one, sc, t + one, sh))
-        tl.store(cnt_ptr, _count(P, n_tiles, hwo, tl.float64))
+        tl.store(cnt_ptr, _count(B, hwo, tl.float64))
 
 
 @needs_triton
@@ -269,7 +269,7 @@ def test_triton_index_helpers_are_64_bit():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # Every operand fits int32 (so Triton passes it as one); every product below does not.
     v = dict(b=3, c=250, h=5, w=7, sb=2**30, sc=2**22, sh=2**30, sw=256, dh=-3, dw=3,
-             P=2**22, n_tiles=2, hwo=2**12, s=2**21, R=2**11, r=2000, N=3, t=2)
+             B=2**21, hwo=2**12, s=2**21, R=2**11, r=2000, N=3, t=2)
     expect = [v["b"] * v["sb"] + v["c"] * v["sc"] + v["h"] * v["sh"] + v["w"] * v["sw"],
               v["dh"] * v["sh"] + v["dw"] * v["sw"],
               (v["s"] * v["R"] + v["r"]) * v["N"] + v["t"],
@@ -281,7 +281,7 @@ def test_triton_index_helpers_are_64_bit():
     cnt = torch.zeros(1, dtype=torch.float64, device=device)
     _probe_kernel[(1,)](out, cnt, *v.values())
     assert out.tolist() == expect
-    assert cnt.item() == v["P"] // v["n_tiles"] * v["hwo"]  # B * Ho * Wo = 2**33 values per channel
+    assert cnt.item() == v["B"] * v["hwo"]  # B * Ho * Wo = 2**33 values per channel
 
 
 if triton is not None:

@@ -136,6 +136,38 @@ def test_train_mixed_layouts_and_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+# (images per program, shape, k, stride, residual, relu, channels_last, dtype, offset of x)
+_GROUP_CASES = [
+    (2, (5, 6, 7, 5), 3, 1, True, True, False, torch.float32, 0.0),
+    (4, (5, 6, 7, 5), 3, 2, False, True, True, torch.float32, 0.0),
+    (2, (3, 5, 6, 6), 5, 1, False, False, True, torch.float64, 0.0),
+    (3, (7, 4, 9, 8), 3, 1, True, False, False, torch.float32, 100.0),
+    (2, (3, 6, 7, 5), 3, 1, True, True, True, torch.float16, 0.0),
+]
+
+
+@pytest.mark.parametrize("images,shape,k,stride,residual,relu,channels_last,dtype,offset", _GROUP_CASES)
+def test_image_groups(monkeypatch, images, shape, k, stride, residual, relu, channels_last, dtype, offset):
+    """Programs that run their tile over several images (as on a GPU at large batch), the last group short: eval
+    and training forward and backward against float64. The offset case (|mean| ~ 100 x the spread of z) fails if
+    the per-pixel statistics across a group lose the mean's cancellation (fp32 sums of squares would err ~1e-3)."""
+    monkeypatch.setattr(T, "_PROGRAMS", 1)
+    monkeypatch.setattr(T, "_IMAGES", images)
+    grid = T._Grid(shape[0], shape[1], shape[2], shape[3], CL if channels_last else torch.contiguous_format)
+    assert grid.images == images and shape[0] % images  # several images per program, a short last group
+    ours, ref = _inputs(shape, k, dtype, dtype, channels_last)
+    if offset:
+        ours[0] = ours[0] + offset
+        ref[0] = ours[0].detach().cpu().double().requires_grad_()
+    x, w, bn_w, _ = ours
+    y = T.dwconv_bn_fwd(x, w, bn_w, stride, relu)
+    y_ref = F.conv2d(ref[0], ref[1], ref[2], stride, k // 2, 1, shape[1])
+    assert _err(y.cpu(), y_ref.relu() if relu else y_ref) < TOL[dtype]
+    ho, wo = (shape[2] - 1) // stride + 1, (shape[3] - 1) // stride + 1
+    gy = torch.randn(shape[0], shape[1], ho, wo, generator=torch.Generator().manual_seed(2)).to(dtype).to(DEVICE)
+    _check_train(ours, ref, gy, stride, residual, relu, dtype, channels_last)
+
+
 # (shape, k, stride, relu, channels_last, dtype)
 _EVAL_CASES = [
     ((1, 3, 1, 1), 3, 1, True, False, torch.float32),
