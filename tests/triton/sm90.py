@@ -179,7 +179,8 @@ def nvidia_tool(name: str) -> pathlib.Path:
 
 
 def compile_one(launch: dict) -> dict:
-    """Compile one recorded launch for sm_90: {"ok", "error", "shared", "regs", "local"} added to the launch."""
+    """Compile one recorded launch for sm_90: {"ok", "error", "shared", "regs", "local"} added to the launch (and
+    "cubin", its bytes, when the launch has "keep_cubin": benchmarks/sass_stats.py)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -209,6 +210,8 @@ def compile_one(launch: dict) -> dict:
                                check=True).stdout
     fields = dict(kv.split(":", 1) for line in usage.splitlines() if "REG:" in line for kv in line.split())
     spill = int(fields.get("LOCAL", 0)) + int(fields.get("STACK", 0))  # bytes of local memory per thread
+    if out.pop("keep_cubin", False):
+        out["cubin"] = kernel.asm["cubin"]
     return out | {"ok": True, "error": "", "shared": kernel.metadata.shared + int(fields.get("SHARED", 0)),
                   "regs": int(fields.get("REG", -1)), "local": spill}
 

@@ -52,3 +52,18 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     assert max(r["shared"] for r in results) <= SMEM_LIMIT, report
     assert all(0 < r["regs"] <= 255 for r in results), report
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+
+@pytest.mark.skipif(not _has_cuda_backend(), reason="this triton has no CUDA backend / ptxas")
+def test_sass_stats_reads_loops():
+    """benchmarks/sass_stats.py on one case: the dwconv eval kernel compiles, its image loop is found (a body with the
+    9 taps' loads of each of a thread's 4 elements) and the loop has no barrier."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.sass_stats", "dwconv 224 16x16 b256 float16 nchw",
+                           "--kernel", "_fwd_eval"], cwd=ROOT, env=os.environ | {"TRITON_INTERPRET": "0"},
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("_fwd_eval_kernel"))
+    body = int(line.split("loops: ")[1].split(" instr")[0])
+    ldg = int(line.split("instr, ")[1].split(" LDG")[0])
+    assert 100 < body < 1000 and ldg >= 36 and ", 0 BAR" in line, line
