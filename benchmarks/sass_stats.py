@@ -17,31 +17,9 @@ import re
 import subprocess
 import tempfile
 
-import pytest
-
-from tests.helpers import replace_triton_kernels, size_launchers_for_gpu, triton_compile_key
 from tests.triton import sm90
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
-
-
-def record(label: str) -> list[dict]:
-    """The distinct launches of one case, as tests/triton/sm90.py records them (plus the grid)."""
-    calls = {case: call for case, _, call in sm90.cases() if case == label}
-    if not calls:
-        raise SystemExit(f"no case {label!r} in tests/triton/sm90.py")
-    binders, keys = {}, {}
-
-    def rec(name, kernel, grid, args, kwargs):
-        spec, options, _ = triton_compile_key(binders, kernel, args, kwargs)
-        keys.setdefault((kernel.fn.__module__, name, spec, options), tuple(grid))
-
-    with pytest.MonkeyPatch.context() as mp:
-        replace_triton_kernels(mp, rec)
-        size_launchers_for_gpu(mp)
-        calls[label]()
-    return [{"module": m, "kernel": k, "spec": [[ty, v] for ty, v in spec], "options": dict(opts), "grid": grid}
-            for (m, k, spec, opts), grid in keys.items()]
 
 
 def stats(launch: dict) -> dict:
@@ -71,7 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("case", help="a label of tests/triton/sm90.py's cases()")
     p.add_argument("--kernel", help="only kernels whose name contains this")
     args = p.parse_args(argv)
-    for launch in record(args.case):
+    launches = sm90.record(args.case)
+    if not launches:
+        raise SystemExit(f"no case {args.case!r} in tests/triton/sm90.py")
+    for launch in launches:
         if args.kernel and args.kernel not in launch["kernel"]:
             continue
         s = stats(launch)

@@ -63,16 +63,29 @@ def _bn_coef(mean_ptr, var_ptr, w_ptr, bias_ptr, eps, r, rm, NORM: tl.constexpr,
 
 
 @triton.jit
-def _bn_grad(g, z, mean_ptr, var_ptr, w_ptr, sums_ptr, eps, count, r, rm, mask, R, ACC: tl.constexpr):
-    # Grad w.r.t. the input z (rows r x tokens, ACC) of a training BN from the grad g of its output:
-    # gz = w * rstd * (g - mean(g) - zhat * mean(g * zhat)); sums_ptr holds [sum g | sum g * zhat] over (B, N)
-    # (count values per row). 0 outside mask.
+def _bn_grad_coef(mean_ptr, var_ptr, w_ptr, sums_ptr, eps, count, r, rm, R, ACC: tl.constexpr):
+    # Per-row coefficients of _bn_grad_apply: (mean, rstd, w * rstd, mean(g), mean(g * zhat)); sums_ptr holds
+    # [sum g | sum g * zhat] over (B, N) (count values per row)
     rstd = _rstd(var_ptr, r, rm, eps)
     mg = tl.load(sums_ptr + r, mask=rm, other=0.0) / count
     mgz = tl.load(sums_ptr + R + r, mask=rm, other=0.0) / count
-    zhat = (z - tl.load(mean_ptr + r, mask=rm, other=0.0)[:, None]) * rstd[:, None]
-    a = rstd * tl.load(w_ptr + r, mask=rm, other=0.0).to(ACC)
+    mean = tl.load(mean_ptr + r, mask=rm, other=0.0)
+    return mean, rstd, rstd * tl.load(w_ptr + r, mask=rm, other=0.0).to(ACC), mg, mgz
+
+
+@triton.jit
+def _bn_grad_apply(g, z, mean, rstd, a, mg, mgz, mask):
+    # Grad w.r.t. the input z (rows x tokens, ACC) of a training BN from the grad g of its output:
+    # gz = w * rstd * (g - mean(g) - zhat * mean(g * zhat)), 0 outside mask
+    zhat = (z - mean[:, None]) * rstd[:, None]
     return tl.where(mask, a[:, None] * (g - mg[:, None] - zhat * mgz[:, None]), 0.0)
+
+
+@triton.jit
+def _bn_grad(g, z, mean_ptr, var_ptr, w_ptr, sums_ptr, eps, count, r, rm, mask, R, ACC: tl.constexpr):
+    # _bn_grad_apply with rows r's coefficients loaded here (a kernel that applies them to many tiles loads them once)
+    mean, rstd, a, mg, mgz = _bn_grad_coef(mean_ptr, var_ptr, w_ptr, sums_ptr, eps, count, r, rm, R, ACC)
+    return _bn_grad_apply(g, z, mean, rstd, a, mg, mgz, mask)
 
 
 @triton.jit

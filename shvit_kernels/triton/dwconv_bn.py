@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _at, _bn_grad, _rstd, _sum, _welford, _welford_store
+from ._common import _at, _bn_grad_apply, _bn_grad_coef, _rstd, _sum, _welford, _welford_store
 
 _TILE, _WARPS = 1024, 8  # elements per [BLOCK_C, BLOCK_HW] tile: 4 per thread (~50-100 registers)
 _ROW_PX = 128  # most pixels of an NCHW tile: one warp's 32 x 4, so a tile row sums within a warp (no barrier)
@@ -54,6 +54,14 @@ def _ptrs(ptr, c, h, w, sc, sh, sw):
     # Pointers of image 0's [c, (h, w)] tile; image b adds _img(b, sb). int64 before multiplying: B*C*H*W may
     # exceed 2**31.
     return ptr + (c.to(tl.int64) * sc)[:, None] + (h.to(tl.int64) * sh + w.to(tl.int64) * sw)[None, :]
+
+
+@triton.jit
+def _conv_in(x_ptr, c, oh, ow, sxc, sxh, sxw, STRIDE: tl.constexpr):
+    # (pointers at input pixel (ih0, iw0) = (oh, ow) * stride of image 0, ih0, iw0): what _dwconv reads from
+    ih0 = oh * STRIDE
+    iw0 = ow * STRIDE
+    return _ptrs(x_ptr, c, ih0, iw0, sxc, sxh, sxw), ih0, iw0
 
 
 @triton.jit
@@ -112,9 +120,7 @@ def _fwd_eval_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, B, G, n_tiles, n_cblk, C, H,
                      K: tl.constexpr, STRIDE: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     _, b0, b1, _, c, cm, oh, ow, pm = _tile(B, G, n_tiles, n_cblk, C, Ho * Wo, Wo, BLOCK_C, BLOCK_HW)
-    ih0 = oh * STRIDE
-    iw0 = ow * STRIDE
-    xc = _ptrs(x_ptr, c, ih0, iw0, sxc, sxh, sxw)
+    xc, ih0, iw0 = _conv_in(x_ptr, c, oh, ow, sxc, sxh, sxw, STRIDE)
     yc = _ptrs(y_ptr, c, oh, ow, syc, syh, syw)
     bias = tl.load(bias_ptr + c, mask=cm, other=0.0).to(ACC)
     mask = cm[:, None] & pm[None, :]
@@ -134,9 +140,7 @@ def _fwd_stats_kernel(x_ptr, w_ptr, part_ptr, B, G, n_tiles, n_cblk, S, C, H, W,
     # (mean, M2, count) of z per (tile, group) at [., s, c] of (3, S, C): a Welford update per pixel across the
     # group's images, then one merge of the tile's pixels (each holds b1 - b0 values; masked ones none).
     s, b0, b1, t, c, cm, oh, ow, pm = _tile(B, G, n_tiles, n_cblk, C, Ho * Wo, Wo, BLOCK_C, BLOCK_HW)
-    ih0 = oh * STRIDE
-    iw0 = ow * STRIDE
-    xc = _ptrs(x_ptr, c, ih0, iw0, sxc, sxh, sxw)
+    xc, ih0, iw0 = _conv_in(x_ptr, c, oh, ow, sxc, sxh, sxw, STRIDE)
     mean = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
     m2 = tl.zeros([BLOCK_C, BLOCK_HW], ACC)
     for b in range(b0, b1):
@@ -158,9 +162,7 @@ def _fwd_apply_kernel(x_ptr, w_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, y_ptr, 
                       K: tl.constexpr, STRIDE: tl.constexpr, RESIDUAL: tl.constexpr, RELU: tl.constexpr,
                       ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     _, b0, b1, _, c, cm, oh, ow, pm = _tile(B, G, n_tiles, n_cblk, C, Ho * Wo, Wo, BLOCK_C, BLOCK_HW)
-    ih0 = oh * STRIDE
-    iw0 = ow * STRIDE
-    xc = _ptrs(x_ptr, c, ih0, iw0, sxc, sxh, sxw)
+    xc, ih0, iw0 = _conv_in(x_ptr, c, oh, ow, sxc, sxh, sxw, STRIDE)
     yc = _ptrs(y_ptr, c, oh, ow, syc, syh, syw)
     scale = _rstd(var_ptr, c, cm, eps) * tl.load(bnw_ptr + c, mask=cm, other=0.0).to(ACC)
     shift = tl.load(bnb_ptr + c, mask=cm, other=0.0).to(ACC) - tl.load(mean_ptr + c, mask=cm, other=0.0) * scale
@@ -188,9 +190,7 @@ def _bwd_stats_kernel(gy_ptr, y_ptr, x_ptr, w_ptr, mean_ptr, var_ptr, part_ptr, 
     # across the group's images.
     s, b0, b1, _, c, cm, oh, ow, pm = _tile(B, G, n_tiles, n_cblk, C, Ho * Wo, Wo, BLOCK_C, BLOCK_HW)
     mask = cm[:, None] & pm[None, :]
-    ih0 = oh * STRIDE
-    iw0 = ow * STRIDE
-    xc = _ptrs(x_ptr, c, ih0, iw0, sxc, sxh, sxw)
+    xc, ih0, iw0 = _conv_in(x_ptr, c, oh, ow, sxc, sxh, sxw, STRIDE)
     gc = _ptrs(gy_ptr, c, oh, ow, sgc, sgh, sgw)
     yc = _ptrs(y_ptr, c, oh, ow, syc, syh, syw)
     mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
@@ -215,17 +215,16 @@ def _bwd_dz_kernel(gy_ptr, y_ptr, x_ptr, w_ptr, mean_ptr, var_ptr, bnw_ptr, sums
     # Pass B: dz = bn_w * rstd * (g - mean(g) - zhat * mean(g * zhat)) (sums_ptr: [sum g | sum g * zhat]).
     _, b0, b1, _, c, cm, oh, ow, pm = _tile(B, G, n_tiles, n_cblk, C, Ho * Wo, Wo, BLOCK_C, BLOCK_HW)
     mask = cm[:, None] & pm[None, :]
-    ih0 = oh * STRIDE
-    iw0 = ow * STRIDE
-    xc = _ptrs(x_ptr, c, ih0, iw0, sxc, sxh, sxw)
+    xc, ih0, iw0 = _conv_in(x_ptr, c, oh, ow, sxc, sxh, sxw, STRIDE)
     gc = _ptrs(gy_ptr, c, oh, ow, sgc, sgh, sgw)
     yc = _ptrs(y_ptr, c, oh, ow, syc, syh, syw)
     dc = _ptrs(dz_ptr, c, oh, ow, sdc, sdh, sdw)
-    count = _count(B, Ho * Wo, ACC)
+    mean, rstd, a, mg, mgz = _bn_grad_coef(mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps, _count(B, Ho * Wo, ACC), c, cm,
+                                           C, ACC)
     for b in range(b0, b1):
         g = _upstream_grad(gc + _img(b, sgb), yc + _img(b, syb), mask, RELU, ACC)
         z = _dwconv(xc + _img(b, sxb), w_ptr, c, cm, ih0, iw0, pm, H, W, sxh, sxw, K, ACC, BLOCK_C, BLOCK_HW)
-        dz = _bn_grad(g, z, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps, count, c, cm, mask, C, ACC)
+        dz = _bn_grad_apply(g, z, mean, rstd, a, mg, mgz, mask)
         tl.store(dc + _img(b, sdb), dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 

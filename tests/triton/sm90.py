@@ -129,9 +129,9 @@ def cases():
                        P(_sra, b, hw, c, heads, sr, linear, dt))
 
 
-def record() -> list[dict]:
-    """Every distinct compile key over the cases, as on a GPU: {"module", "kernel", "spec", "options", "case" (the
-    first case that launched it), "dtype" (its activations')}."""
+def record(only: str | None = None) -> list[dict]:
+    """Every distinct compile key over the cases (or the case labelled `only`), as on a GPU: {"module", "kernel",
+    "spec", "options", "case" (the first case that launched it), "dtype" (its activations'), "grid" (that launch's)}."""
     import pytest
     import triton.language as tl
 
@@ -145,20 +145,21 @@ def record() -> list[dict]:
 
     def rec(name, kernel, grid, args, kwargs):
         spec, options, _ = triton_compile_key(binders, kernel, args, kwargs)
-        keys.setdefault((kernel.fn.__module__, name, spec, options), case[0])
+        keys.setdefault((kernel.fn.__module__, name, spec, options), (*case[0], list(grid)))
 
     with pytest.MonkeyPatch.context() as mp:
         replace_triton_kernels(mp, rec)
         size_launchers_for_gpu(mp)
         for label, dtype, call in cases():
-            case[0] = (label, str(dtype).removeprefix("torch."))  # --dtypes' spelling
-            call()
+            if only in (None, label):
+                case[0] = (label, str(dtype).removeprefix("torch."))  # --dtypes' spelling
+                call()
 
     def plain(value):  # a tl.dtype constexpr (the accumulator's) by name, to cross a process
         return str(value) if isinstance(value, tl.dtype) else value
 
     return [{"module": k[0], "kernel": k[1], "spec": [[ty, plain(v)] for ty, v in k[2]], "options": dict(k[3]),
-             "case": label, "dtype": dtype} for k, (label, dtype) in keys.items()]
+             "case": label, "dtype": dtype, "grid": grid} for k, (label, dtype, grid) in keys.items()]
 
 
 def one_per_meta(launches: list[dict]) -> list[dict]:
