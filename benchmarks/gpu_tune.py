@@ -25,12 +25,14 @@ from benchmarks._args import case_parser
 from shvit_kernels import bench
 from shvit_kernels.roofline import measure_ceilings, time_ms
 
-# op -> {constant: values}, swept as a grid; the module's current value (the default) is always in it
+# op (or "op mode" where a mode runs other kernels) -> {constant: values}, swept as a grid; the module's current value
+# (the default) is always in it
 KNOBS: dict[str, dict[str, list[int]]] = {
     "dwconv_bn": {"_TILE": [1024, 2048], "_WARPS": [4, 8], "_IMAGES": [1, 4, 8], "_ROW_PX": [128, 256]},
     "pw_conv_bn": {"_BLOCK_R": [64, 128], "_BLOCK_K": [32, 64], "_GEMM_WARPS": [4, 8]},
     "ffn": {"_FUSED_ACC": [4096, 8192, 16384], "_BLOCK_T": [32, 64, 128], "_GEMM_WARPS": [4, 8]},
     "shsa": {"_ATTN_TILE": [4096, 8192, 16384], "_BLOCK_R": [32, 64, 128], "_GEMM_WARPS": [4, 8]},
+    "shsa eval fwd": {"_EVAL_BLOCK_V": [16, 32, 64], "_EVAL_BLOCK_C": [32, 64, 128], "_GEMM_WARPS": [4, 8]},
     "sra": {"_ATTN_TILE": [8192, 16384, 32768], "_LN_TILE": [4096, 8192], "_GEMM_WARPS": [4, 8]},
 }
 
@@ -68,14 +70,18 @@ def setting(values: dict[str, int]):
             setattr(m, k, v)
 
 
-def defaults(op: str) -> dict[str, int]:
+def knobs(op: str, mode: str) -> dict[str, list[int]]:
+    return KNOBS.get(f"{op} {mode}", KNOBS[op])
+
+
+def defaults(op: str, mode: str) -> dict[str, int]:
     mods = _modules()
-    return {k: next(getattr(m, k) for m in mods if hasattr(m, k)) for k in KNOBS[op]}
+    return {k: next(getattr(m, k) for m in mods if hasattr(m, k)) for k in knobs(op, mode)}
 
 
 def sweep(case: bench.Case, mode: str, device: torch.device, dtype: torch.dtype, ceilings) -> list[Row]:
-    base = defaults(case.op)
-    grid = [dict(zip(KNOBS[case.op], vals, strict=True)) for vals in itertools.product(*KNOBS[case.op].values())]
+    base, space = defaults(case.op, mode), knobs(case.op, mode)
+    grid = [dict(zip(space, vals, strict=True)) for vals in itertools.product(*space.values())]
     if base not in grid:
         grid.insert(0, base)
     stock = bench.prepare(case, mode, device, dtype, ("stock",), "triton")
@@ -123,7 +129,7 @@ def best(rows: list[Row]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = case_parser(__doc__.split("\n\n")[0], sorted(KNOBS), ["eval fwd"])
+    parser = case_parser(__doc__.split("\n\n")[0], sorted(k for k in KNOBS if " " not in k), ["eval fwd"])
     parser.add_argument("--markdown", metavar="PATH", help="also write the rows there")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -4,7 +4,7 @@
 
 The case is a label of tests/triton/sm90.py's `cases()` (e.g. "shsa 336/72 8x8 b256 float16 nchw"). Every launch it
 makes on a GPU is recorded (kernels replaced by recorders), compiled for sm_90 (Triton's CUDA backend, ptxas) and
-disassembled (cuobjdump). Per kernel: grid, registers, static instruction count, and each loop's body (instructions,
+disassembled (cuobjdump). Per kernel: grid, registers, bytes of local memory (spills), static instruction count, and each loop's body (instructions,
 global loads, barriers): a loop runs once per image, key block or K step, so its body is what a thread issues per
 iteration. Instruction counts are not times: they locate index / mask overhead and barriers, a GPU run says what they
 cost.
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{launch['kernel']}: failed to compile: {s['error'][-300:]}")
             continue
         loops = "; ".join(f"{lp['instructions']} instr, {lp['LDG']} LDG, {lp['BAR']} BAR" for lp in s["loops"])
-        print(f"{s['kernel']} grid {s['grid']} {s['options']}: {s['regs']} regs, {s['instructions']} instructions; "
+        print(f"{s['kernel']} grid {s['grid']} {s['options']}: {s['regs']} regs, {s['local']} B spilled, "
+              f"{s['instructions']} instructions; "
               f"loops: {loops or 'none'}\n    {s['mix']}")
 
 

@@ -12,7 +12,7 @@ _BLOCK_T, _BLOCK_R, _BLOCK_K = 64, 64, 32  # GEMM tiles: tokens, output rows, re
 _GEMM_WARPS = 8  # 4 warps spill on sm_90 with these tiles (ptxas), fp32 FMA dots most
 _EW_TILE = 1024  # elements per tile of the statistics / elementwise kernels (8 per thread)
 _RED_TILE, _RED_R = 2048, 128  # reduction kernels: tile elements, most rows per tile
-_WGRAD_PROGRAMS = 264  # weight-grad programs wanted on a GPU (2 per H100 SM); split-K fills up to it
+_GPU_PROGRAMS = 264  # programs that fill an H100 (2 per SM): split-K weight grads and the one-kernel SHSA eval aim at it
 
 
 # ---- device helpers ----------------------------------------------------------------------------------------
@@ -29,6 +29,11 @@ def _mm(a, b, acc, ACC: tl.constexpr):
     # IEEE fp32 (and fp64): TF32 would break the match with the float64 reference. out_dtype: triton < 3.9
     # checks an fp64 accumulator against the fp32 default
     return tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
+
+
+@triton.jit
+def _relu(v):
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as torch
 
 
 @triton.jit

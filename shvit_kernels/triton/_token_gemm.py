@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from ..reference.ffn import memory_format
-from ._common import (_BLOCK_K, _BLOCK_R, _BN, _EW_TILE, _GEMM_WARPS, _WGRAD_PROGRAMS, _at, _bn_coef, _bn_grad, _mm,
-                      _p2, _rstd, _Shape, _split_k, _store_wgrad, _sum, _welford_partial)
+from ._common import (_BLOCK_K, _BLOCK_R, _BN, _EW_TILE, _GEMM_WARPS, _GPU_PROGRAMS, _at, _bn_coef, _bn_grad, _mm,
+                      _p2, _relu, _rstd, _Shape, _split_k, _store_wgrad, _sum, _welford_partial)
 
 INTERP_WGRAD_PROGRAMS = 1  # weight-grad programs wanted under the interpreter (tests raise it: multi-split path)
 
@@ -26,11 +26,6 @@ def _ptrs(ptr, b, sb, r, sr, t, st):
     # [len(r), len(t)] pointers: rows r, tokens t of sample b of a (B, R, N) activation with strides (sb, sr, st).
     # int64 throughout: B*R*N, and within a sample R*N (NCHW) or N*R (channels_last), may pass 2**31
     return ptr + tl.cast(b, tl.int64) * sb + (r.to(tl.int64) * sr)[:, None] + (t.to(tl.int64) * st)[None, :]
-
-
-@triton.jit
-def _relu(v):
-    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as torch
 
 
 @triton.jit
@@ -287,7 +282,7 @@ def _wgrad(dm: _Dims, left: torch.Tensor, pro_l: int, l_bn: tuple, right: torch.
     block_t = min(dm.block_t, 32) if dm.fma else dm.block_t  # tokens are the dot's K: FMA dots spill at 64
     n_tblk = triton.cdiv(dm.N, block_t)
     n_tiles = dm.B * n_tblk
-    per_split, S = _split_k(n_tiles, grid_rk, _WGRAD_PROGRAMS if dm.gpu else INTERP_WGRAD_PROGRAMS)
+    per_split, S = _split_k(n_tiles, grid_rk, _GPU_PROGRAMS if dm.gpu else INTERP_WGRAD_PROGRAMS)
     part = dm.empty(S, R * K)
     rs = dm.empty(S, R) if rowsum else part
     rb = (r_bn.mean, r_bn.var, r_bn.w, r_bn.b, r_bn.eps) if r_bn is not None else (part, part, part, part, 0.0)

@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _BLOCK_T, _BN, _cast, _mm, _p2, _sum, _welford
-from ._token_gemm import (_Dims, _bn_apply, _bn_operand, _bn_sums, _dense, _gemm, _gemm_launch, _no_bn, _ptrs, _relu,
+from ._common import _BLOCK_T, _BN, _cast, _mm, _p2, _relu, _sum, _welford
+from ._token_gemm import (_Dims, _bn_apply, _bn_operand, _bn_sums, _dense, _gemm, _gemm_launch, _no_bn, _ptrs,
                           _st, _t, _wgrad)
 
 # Fused eval kernels' tiles; module-level so that tests can shrink them to reach the multi-block paths.

@@ -4,7 +4,12 @@ Sizes: dim C, pdim P, qk_dim Q, O = 2Q + P rows of qkv, N = H*W tokens. x, y, gr
 NCHW seen as (B, C, N); every intermediate is a contiguous (B, rows, N) tensor in the activation dtype (z: qkv
 before its bias/BN, o: attention output, go: its grad, ga = [dq; dk; dv]) or a small fp32/fp64 vector.
 
-Forward (eval: 5 launches; training: 8). Per launch: grid, then bytes (one element = one activation):
+Eval forward at up to 64 tokens (S4's attention stages; ONE_KERNEL_TILE): 1 launch, _eval_kernel, grid (B, channel
+  groups). Per sample: GroupNorm statistics (two passes over x1), q, k and the softmax numerator in registers; v and
+  o in blocks of _EVAL_BLOCK_V rows, o through the program's own scratch rows (B*groups, P, N), read back after a
+  barrier by the projection + bias [+ x]. Read x (x1 six times, from L1 after the first), write y. Channel groups
+  only when B alone gives fewer than _GPU_PROGRAMS programs; each recomputes the attention.
+Forward otherwise (eval: 5 launches; training: 8). Per launch: grid, then bytes (one element = one activation):
   gn_stats  (B*token tiles, channel blocks)  read x1 (B*P*N) -> Welford partials; _welford -> per-sample mean/var
   qkv       (B*token tiles, row blocks)      read x1 once per block of 64 rows, GroupNorm applied in the load;
             write z (B*O*N). Training: per-(row, tile) Welford partials -> _welford -> BN batch mean/var, applied
@@ -38,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (_BLOCK_K, _BLOCK_R, _BN, _GEMM_WARPS, _WGRAD_PROGRAMS, _at, _bn_coef, _bn_grad, _cast, _mm, _p2,
-                     _inv_std, _rstd, _Shape, _split_k, _store_wgrad, _sum, _welford, _welford_partial)
+from ._common import (_BLOCK_K, _BLOCK_R, _BN, _GEMM_WARPS, _GPU_PROGRAMS, _at, _bn_coef, _bn_grad, _cast, _mm, _p2,
+                     _inv_std, _relu, _rstd, _Shape, _split_k, _store_wgrad, _sum, _welford, _welford_partial)
 
 # Attention blocking; module-level so that tests can shrink it to reach the multi-block paths with a small N.
 BLOCK_QUERIES = 64  # queries per forward program
@@ -47,6 +52,9 @@ BLOCK_KEYS = 64  # keys per online-softmax step; also the block of both backward
 SINGLE_PASS_MAX = 128  # all N keys (padded to a power of two) in one block up to this: plain softmax
 _ATTN_TILE = 8192  # [tokens, P] register-tile cap (half in the backward, a quarter for fp32/fp64 there)
 _FMA_BLOCK = 32  # attention block cap for fp32/fp64: IEEE dots run on FMA units, operands held in registers
+ONE_KERNEL_TILE = 4096  # eval forward in one kernel (_eval_kernel) when its [tokens, tokens] scores fit (tests: 0)
+_EVAL_BLOCK_V, _EVAL_BLOCK_C = 32, 64  # _eval_kernel's steps: rows of v / o, output channels of the projection
+INTERP_EVAL_PROGRAMS = 1  # _eval_kernel programs wanted under the interpreter (tests raise it: channel groups)
 
 
 # ---- device helpers ----------------------------------------------------------------------------------------
@@ -83,14 +91,21 @@ def _load_act(z_ptr, b, r, rm, t, tm, R, N, scale, shift, NORM: tl.constexpr, TR
 
 
 @triton.jit
-def _load_gn(x_ptr, b, p, pm, t, tm, C, N, gn_mean_ptr, gn_var_ptr, gnw_ptr, gnb_ptr, gn_eps, ACC: tl.constexpr):
-    # GroupNorm(1) output, rows p x tokens t of sample b, 0 outside (padding must not add gn_b to the dots)
+def _gn_tile(x_ptr, b, p, pm, t, tm, C, N, mean, rstd, gnw_ptr, gnb_ptr, ACC: tl.constexpr):
+    # GroupNorm(1) output from sample b's (mean, rstd), rows p x tokens t, 0 outside (padding must not add gn_b to
+    # the dots)
     mask = pm[:, None] & tm[None, :]
     x = tl.load(_rows(x_ptr, b, p, t, C, N), mask=mask, other=0.0).to(ACC)
-    rstd = _inv_std(tl.load(gn_var_ptr + b), gn_eps)
     w = tl.load(gnw_ptr + p, mask=pm, other=0.0).to(ACC) * rstd
-    shift = tl.load(gnb_ptr + p, mask=pm, other=0.0).to(ACC) - tl.load(gn_mean_ptr + b) * w
+    shift = tl.load(gnb_ptr + p, mask=pm, other=0.0).to(ACC) - mean * w
     return tl.where(mask, x * w[:, None] + shift[:, None], 0.0)
+
+
+@triton.jit
+def _load_gn(x_ptr, b, p, pm, t, tm, C, N, gn_mean_ptr, gn_var_ptr, gnw_ptr, gnb_ptr, gn_eps, ACC: tl.constexpr):
+    # _gn_tile with the statistics read from the per-sample mean / var vectors
+    return _gn_tile(x_ptr, b, p, pm, t, tm, C, N, tl.load(gn_mean_ptr + b), _inv_std(tl.load(gn_var_ptr + b), gn_eps),
+                    gnw_ptr, gnb_ptr, ACC)
 
 
 @triton.jit
@@ -105,9 +120,36 @@ def _load_u(o_ptr, x_ptr, b, j, t, tm, C, P, N):
     # relu(cat[o, x2]) rows j: attention rows from o, the others from x; the concat is never materialised
     from_o = (j < P)[:, None] & tm[None, :]
     from_x = ((j >= P) & (j < C))[:, None] & tm[None, :]
-    u = tl.load(_rows(o_ptr, b, j, t, P, N), mask=from_o, other=0.0) \
-        + tl.load(_rows(x_ptr, b, j, t, C, N), mask=from_x, other=0.0)
-    return tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as torch
+    return _relu(tl.load(_rows(o_ptr, b, j, t, P, N), mask=from_o, other=0.0)
+                 + tl.load(_rows(x_ptr, b, j, t, C, N), mask=from_x, other=0.0))
+
+
+@triton.jit
+def _wtile(w_ptr, r, rm, k, km, sr, sk):
+    # [len(r), len(k)] tile of a weight matrix with strides (sr, sk), 0 outside
+    return tl.load(w_ptr + r[:, None] * sr + k[None, :] * sk, mask=rm[:, None] & km[None, :], other=0.0)
+
+
+@triton.jit
+def _proj_tile(o_ptr, x_ptr, w_ptr, swc, swj, b, c, cm, t, tm, C, P, N, ACC: tl.constexpr, DOT: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    # W_proj[c] relu(cat[o, x2])[:, t], [len(c), len(t)] in ACC
+    acc = tl.zeros([c.shape[0], t.shape[0]], ACC)
+    for k0 in range(0, C, BLOCK_K):
+        j = k0 + tl.arange(0, BLOCK_K)
+        acc = _mm(_wtile(w_ptr, c, cm, j, j < C, swc, swj).to(DOT), _load_u(o_ptr, x_ptr, b, j, t, tm, C, P, N).to(DOT),
+                  acc, ACC)
+    return acc
+
+
+@triton.jit
+def _store_eval(y_ptr, x_ptr, bias_ptr, acc, b, c, cm, t, tm, C, N, RESIDUAL: tl.constexpr, ACC: tl.constexpr):
+    # y = acc + bias [+ x], the eval projection's epilogue
+    mask = cm[:, None] & tm[None, :]
+    acc += tl.load(bias_ptr + c, mask=cm, other=0.0).to(ACC)[:, None]
+    if RESIDUAL:
+        acc += tl.load(_rows(x_ptr, b, c, t, C, N), mask=mask, other=0.0).to(ACC)
+    tl.store(_rows(y_ptr, b, c, t, C, N), acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -239,16 +281,10 @@ def _proj_kernel(o_ptr, x_ptr, w_ptr, swc, swj, bias_ptr, y_ptr, part_ptr, g_ptr
     cm = c < C
     t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     tm = t < N
-    acc = tl.zeros([BLOCK_C, BLOCK_T], ACC)
-    for k0 in range(0, C, BLOCK_K):
-        j = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + c[:, None] * swc + j[None, :] * swj, mask=cm[:, None] & (j < C)[None, :], other=0.0)
-        acc = _mm(w.to(DOT), _load_u(o_ptr, x_ptr, b, j, t, tm, C, P, N).to(DOT), acc, ACC)
+    acc = _proj_tile(o_ptr, x_ptr, w_ptr, swc, swj, b, c, cm, t, tm, C, P, N, ACC, DOT, BLOCK_K)
     mask = cm[:, None] & tm[None, :]
     if MODE == 0:
-        acc += tl.load(bias_ptr + c, mask=cm, other=0.0).to(ACC)[:, None]
-        if RESIDUAL:
-            acc += tl.load(_rows(x_ptr, b, c, t, C, N), mask=mask, other=0.0).to(ACC)
+        _store_eval(y_ptr, x_ptr, bias_ptr, acc, b, c, cm, t, tm, C, N, RESIDUAL, ACC)
     elif MODE == 1:
         _welford_partial(part_ptr, bt, S, C, c, cm, acc, mask, tl.minimum(N - tb * BLOCK_T, BLOCK_T).to(ACC))
     else:
@@ -257,7 +293,8 @@ def _proj_kernel(o_ptr, x_ptr, w_ptr, swc, swj, bias_ptr, y_ptr, part_ptr, g_ptr
                         * _rstd(var_ptr, c, cm, eps)[:, None], 0.0)
         tl.store(part_ptr + _at(bt, 2 * C, c), tl.sum(g, axis=1), mask=cm)
         tl.store(part_ptr + _at(bt, 2 * C, C + c), tl.sum(g * zhat, axis=1), mask=cm)
-    tl.store(_rows(y_ptr, b, c, t, C, N), acc.to(y_ptr.dtype.element_ty), mask=mask)
+    if MODE != 0:
+        tl.store(_rows(y_ptr, b, c, t, C, N), acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -276,6 +313,76 @@ def _bn_apply_kernel(y_ptr, x_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps: tl.
     if RESIDUAL:
         y += tl.load(_rows(x_ptr, b, c, t, C, N), mask=mask, other=0.0).to(ACC)
     tl.store(_rows(y_ptr, b, c, t, C, N), y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _eval_kernel(x_ptr, gnw_ptr, gnb_ptr, gn_eps: tl.float64, qkv_w_ptr, swo, swp, qkv_b_ptr, proj_w_ptr, swc, swj,
+                 proj_b_ptr, o_ptr, y_ptr, C, P, Q, N, c_per_prog,
+                 RESIDUAL: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, QP: tl.constexpr, NP: tl.constexpr,
+                 BLOCK_V: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # The whole eval forward of sample b for output channels [c_lo, c_lo + c_per_prog): GroupNorm statistics, q, k
+    # and the softmax stay in registers; o goes through this program's own scratch rows (L1/L2), read back by the
+    # projection after a barrier. HBM traffic: x read, y written (+ o's scratch if evicted).
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    t = tl.arange(0, NP)
+    tm = t < N
+    # GroupNorm(1) statistics of x1 in two passes (exact; the second pass reads the sample from L1)
+    count = tl.cast(P, ACC) * N
+    sx = tl.zeros([BLOCK_K, NP], ACC)
+    for k0 in range(0, P, BLOCK_K):
+        p = k0 + tl.arange(0, BLOCK_K)
+        sx += tl.load(_rows(x_ptr, b, p, t, C, N), mask=(p < P)[:, None] & tm[None, :], other=0.0).to(ACC)
+    mean = tl.sum(tl.sum(sx, axis=1), axis=0) / count
+    sd = tl.zeros([BLOCK_K, NP], ACC)
+    for k0 in range(0, P, BLOCK_K):
+        p = k0 + tl.arange(0, BLOCK_K)
+        mask = (p < P)[:, None] & tm[None, :]
+        d = tl.where(mask, tl.load(_rows(x_ptr, b, p, t, C, N), mask=mask, other=0.0).to(ACC) - mean, 0.0)
+        sd += d * d
+    rstd = _inv_std(tl.sum(tl.sum(sd, axis=1), axis=0) / count, gn_eps)
+    # q, k = W_qkv[:2Q] gn(x1) + b, rounded to the activation dtype as the stock module stores them (rows past Q are
+    # 0: masked weights and bias add nothing to the dot); then the softmax numerator e over every key at once
+    cq = tl.arange(0, QP)
+    cqm = cq < Q
+    q = tl.zeros([QP, NP], ACC)
+    k = tl.zeros([QP, NP], ACC)
+    for k0 in range(0, P, BLOCK_K):
+        p = k0 + tl.arange(0, BLOCK_K)
+        pm = p < P
+        n = _gn_tile(x_ptr, b, p, pm, t, tm, C, N, mean, rstd, gnw_ptr, gnb_ptr, ACC).to(DOT)
+        q = _mm(_wtile(qkv_w_ptr, cq, cqm, p, pm, swo, swp).to(DOT), n, q, ACC)
+        k = _mm(_wtile(qkv_w_ptr, Q + cq, cqm, p, pm, swo, swp).to(DOT), n, k, ACC)
+    q = (q + tl.load(qkv_b_ptr + cq, mask=cqm, other=0.0).to(ACC)[:, None]).to(DOT)
+    k = (k + tl.load(qkv_b_ptr + Q + cq, mask=cqm, other=0.0).to(ACC)[:, None]).to(DOT)
+    s = tl.where(tm[None, :], _mm(tl.trans(q), k, None, ACC) * (1.0 / tl.sqrt(tl.cast(Q, ACC))), float("-inf"))
+    e = tl.exp(s - tl.max(s, axis=1)[:, None])  # [queries, keys]
+    den = tl.sum(e, axis=1)
+    e = tl.trans(e.to(DOT))
+    # o = v softmax^T in blocks of BLOCK_V rows of v = W_qkv[2Q:] gn(x1) + b, into the scratch rows of (b, g) (a
+    # (B * groups, P, N) buffer: no two programs write the same rows; o_ptr is offset so that _rows' sample b lands
+    # on row block b * groups + g)
+    o_ptr += _at(b.to(tl.int64) * (tl.num_programs(1) - 1) + g, P * N, 0)
+    for v0 in range(0, P, BLOCK_V):
+        r = v0 + tl.arange(0, BLOCK_V)
+        rm = r < P
+        v = tl.zeros([BLOCK_V, NP], ACC)
+        for k0 in range(0, P, BLOCK_K):
+            p = k0 + tl.arange(0, BLOCK_K)
+            pm = p < P
+            n = _gn_tile(x_ptr, b, p, pm, t, tm, C, N, mean, rstd, gnw_ptr, gnb_ptr, ACC).to(DOT)
+            v = _mm(_wtile(qkv_w_ptr, 2 * Q + r, rm, p, pm, swo, swp).to(DOT), n, v, ACC)
+        v = (v + tl.load(qkv_b_ptr + 2 * Q + r, mask=rm, other=0.0).to(ACC)[:, None]).to(DOT)
+        o = _mm(v, e, None, ACC) / den[None, :]
+        tl.store(_rows(o_ptr, b, r, t, P, N), o.to(o_ptr.dtype.element_ty), mask=rm[:, None] & tm[None, :])
+    tl.debug_barrier()  # o's rows, stored by other threads of this program, are read below
+    # y = W_proj relu(cat[o, x2]) + b [+ x] for this program's output channels
+    c_lo = g * c_per_prog
+    for c0 in range(c_lo, tl.minimum(c_lo + c_per_prog, C), BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cm = c < C
+        acc = _proj_tile(o_ptr, x_ptr, proj_w_ptr, swc, swj, b, c, cm, t, tm, C, P, N, ACC, DOT, BLOCK_K)
+        _store_eval(y_ptr, x_ptr, proj_b_ptr, acc, b, c, cm, t, tm, C, N, RESIDUAL, ACC)
 
 
 # ---- backward --------------------------------------------------------------------------------------------
@@ -576,7 +683,7 @@ class _Front:
         n_tblk = triton.cdiv(sz.N, block_t)
         n_tiles = sz.B * n_tblk
         # split-K over token tiles: enough programs to fill a GPU; one split in the interpreter
-        per_split, S = _split_k(n_tiles, grid_rk, _WGRAD_PROGRAMS if sz.gpu else 1)
+        per_split, S = _split_k(n_tiles, grid_rk, _GPU_PROGRAMS if sz.gpu else 1)
         part = sz.empty(S, rows * cols)
         rs = sz.empty(S, rows) if rowsum else part
         _wgrad_kernel[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_k), S)](
@@ -642,7 +749,36 @@ class _Front:
         return gx, gsums[P:], gsums[:P], g_qkv_w, qsums, g_proj_w, g_sums
 
 
+def _one_kernel(sz: _Sizes) -> bool:
+    """Whether the eval forward fits _eval_kernel: every key in one block, and the [queries, keys] scores within
+    ONE_KERNEL_TILE."""
+    n = _p2(sz.N)
+    return n <= SINGLE_PASS_MAX and n * n <= ONE_KERNEL_TILE
+
+
+def _eval_one_kernel(x, sz, gn_w, gn_b, gn_eps, qkv_w, qkv_b, proj_w, proj_b, residual):
+    # Channel groups per sample: enough programs to fill a GPU when the batch alone does not (each group recomputes
+    # the attention: at S4's stage-2 shape about a third of one 64-channel block's projection FLOPs)
+    n_cblk = triton.cdiv(sz.C, _EVAL_BLOCK_C)
+    groups = min(n_cblk, max(1, (_GPU_PROGRAMS if sz.gpu else INTERP_EVAL_PROGRAMS) // sz.B))
+    per = triton.cdiv(n_cblk, groups) * _EVAL_BLOCK_C
+    groups = triton.cdiv(sz.C, per)
+    o = torch.empty(sz.B * groups, sz.P, sz.N, dtype=x.dtype, device=x.device)
+    y = torch.empty_like(x)
+    np2 = _p2(sz.N)
+    _eval_kernel[(sz.B, groups)](
+        x, gn_w, gn_b, gn_eps, qkv_w, *qkv_w.stride(), qkv_b, proj_w, *proj_w.stride(), proj_b, o, y, sz.C, sz.P,
+        sz.Q, sz.N, per, RESIDUAL=residual, QP=sz.QP, NP=np2, BLOCK_V=_EVAL_BLOCK_V, BLOCK_C=_EVAL_BLOCK_C,
+        BLOCK_K=_BLOCK_K, num_warps=_GEMM_WARPS if np2 >= 64 else 4, **sz.meta)
+    return y
+
+
 def fwd(x, gn_w, gn_b, gn_eps, qkv_w, qkv_b, proj_w, proj_b, qk_dim, residual):
+    x = x.contiguous()
+    sz = _Sizes(x, gn_w, qk_dim)
+    if _one_kernel(sz):
+        return _eval_one_kernel(x, sz, gn_w.contiguous(), gn_b.contiguous(), gn_eps, qkv_w, qkv_b.contiguous(),
+                                proj_w, proj_b.contiguous(), residual)
     f = _Front(x, gn_w, gn_b, gn_eps, qkv_w, qk_dim, qkv_b=qkv_b)
     y = torch.empty_like(f.x)
     f.proj(proj_w, y, 0, residual=residual, bias=proj_b)

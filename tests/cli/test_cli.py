@@ -113,6 +113,19 @@ def test_gpu_profile_reports_each_implementation(tmp_path):
     assert "dwconv_bn" in text and "ms  x" in text
 
 
+def test_gpu_tune_knobs_are_bound():
+    """Every constant gpu_tune sweeps is bound by a Triton module; a mode with its own kernels has its own grid."""
+    from benchmarks import gpu_tune
+
+    pytest.importorskip("triton")
+    for key in gpu_tune.KNOBS:
+        op, _, mode = key.partition(" ")
+        mode = mode or "train fwd+bwd"  # no mode of its own there
+        assert set(gpu_tune.defaults(op, mode)) == set(gpu_tune.knobs(op, mode)) == set(gpu_tune.KNOBS[key])
+    assert "_EVAL_BLOCK_V" in gpu_tune.knobs("shsa", "eval fwd")
+    assert gpu_tune.knobs("shsa", "train fwd+bwd") is gpu_tune.KNOBS["shsa"]
+
+
 def test_gpu_tune_sweeps_restores_and_reports(tmp_path, monkeypatch):
     """benchmarks.gpu_tune on the CPU (Triton under the interpreter), on a tiny depthwise case: every setting of the
     grid is checked and timed (the module's default marked), a setting that cannot compile is reported instead, and

@@ -159,7 +159,8 @@ def test_triton_dwconv_refuses_untileable_planes():
 
 @needs_triton
 @pytest.mark.parametrize("shape", [(4096, 256, 64, 16, 64, 64), (70000, 128, 16, 16, 16, 16),
-                                   (8, 448, 96, 16, 1024, 1024)], ids=["large", "batch>65535", "large-N"])
+                                   (8, 448, 96, 16, 1024, 1024), (2**19 + 1, 64, 16, 16, 8, 8)],
+                         ids=["large", "batch>65535", "large-N", "one-kernel-eval"])
 def test_triton_shsa_grids(launches, shape):
     b, c, p, q, h, w = shape
     o = 2 * q + p
@@ -173,7 +174,8 @@ def test_triton_shsa_grids(launches, shape):
     assert grads[0].shape == x.shape
     _assert_grids_fit(launches, ["_gn_stats_kernel", "_qkv_kernel", "_attn_fwd_kernel", "_proj_kernel",
                                  "_bn_apply_kernel", "_wgrad_kernel", "_proj_bwd_kernel", "_attn_bwd_kernel",
-                                 "_gn_bwd_dn_kernel", "_gn_bwd_dx_kernel", "_welford_kernel", "_sum_kernel"])
+                                 "_gn_bwd_dn_kernel", "_gn_bwd_dx_kernel", "_welford_kernel", "_sum_kernel"]
+                      + (["_eval_kernel"] if h * w <= 64 else []))
 
 
 @needs_triton

@@ -131,7 +131,7 @@ def small_tiles(monkeypatch):
         monkeypatch.setattr(T, name, 32 if DEVICE == "cuda" else 16)
     for name in ("_BLOCK_R", "_BLOCK_K"):  # the training GEMMs' tiles
         monkeypatch.setattr(TG, name, 16)
-    for name in ("INTERP_WGRAD_PROGRAMS", "_WGRAD_PROGRAMS"):  # programs wanted under the interpreter / on a GPU
+    for name in ("INTERP_WGRAD_PROGRAMS", "_GPU_PROGRAMS"):  # programs wanted under the interpreter / on a GPU
         monkeypatch.setattr(TG, name, 12)
 
 

@@ -88,6 +88,14 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(T, "SINGLE_PASS_MAX", 16)
 
 
+@pytest.fixture(params=["one_kernel", "launches"])
+def eval_path(request, monkeypatch):
+    """The eval forward's two paths: _eval_kernel, or (ONE_KERNEL_TILE = 0) the launches the backward also makes."""
+    if request.param == "launches":
+        monkeypatch.setattr(T, "ONE_KERNEL_TILE", 0)
+    return request.param
+
+
 # (B, dim, pdim, qk, H, W): N = 1; pdim == dim; 7x9; pdim 66 / 75 (padded to 128) with few other channels
 SHAPES = [(1, 9, 9, 2, 1, 1), (2, 12, 12, 4, 2, 3), (2, 20, 8, 4, 7, 9), (2, 70, 66, 16, 2, 3),
           (2, 78, 75, 16, 3, 2)]
@@ -95,9 +103,22 @@ _ids = ["x".join(map(str, s)) for s in SHAPES]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-def test_eval_fp32(shape):
+def test_eval_fp32(shape, eval_path):
     ours, refs = _inputs(*shape, torch.float32, torch.float32, train=False)
     _run_eval(ours, refs, shape[3], shape[1] % 2 == 0, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_one_kernel_channel_groups(monkeypatch, dtype):
+    """The eval forward in one launch, each sample's output channels split over 3 programs (blocks of 16 of 70
+    channels: 2, 2 and 1 blocks), against float64; the multi-launch path must not run."""
+    monkeypatch.setattr(T, "_EVAL_BLOCK_C", 16)
+    monkeypatch.setattr(T, "INTERP_EVAL_PROGRAMS", 6)
+    monkeypatch.setattr(T, "_Front", None)
+    ours, refs = _inputs(2, 70, 17, 5, 3, 5, dtype, torch.float32 if dtype == torch.float16 else dtype, train=False)
+    (x, _, *p), (xr, _, *pr) = ours, refs
+    for residual in (False, True):
+        _check([T.fwd(x, *p, 5, residual)], [ref.fwd(xr, *pr, 5, residual)], [x], dtype, "fwd")
 
 
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=_ids[1:])  # BN training needs B * N > 1
