@@ -18,7 +18,7 @@ from .. import ops
 from ..ops._checks import autocast_enabled, check_same_device, check_tensor
 from ..reference import Conv2d_BN
 from ..reference.conv_bn import bn_scale_shift
-from ._bn import FoldCache, update_running_stats, uses_batch_stats
+from ._bn import FoldCache, fold_inputs, update_running_stats, uses_batch_stats
 from ._match import is_conv_bn, is_pointwise
 
 
@@ -99,7 +99,7 @@ class ConvBN(Conv2d_BN):
             scale, shift = bn_scale_shift(bn)
             return (conv.weight * scale[:, None, None, None]).to(x.dtype), shift.to(x.dtype)
 
-        w, b = self._fold.get([conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var], fold, x.dtype)
+        w, b = self._fold.get(fold_inputs(conv, bn), fold, x.dtype)
         if gate is not None:
             return ops.pw_conv_bn(x, w.flatten(1), b, gate, self.relu)
         if _onednn_ok(conv, x, w):

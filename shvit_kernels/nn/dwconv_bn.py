@@ -8,7 +8,7 @@ from .. import ops
 from ..ops._checks import check_positive_ints, check_same_device, check_tensor
 from ..reference import Conv2d_BN, PatchMerging, Residual
 from ..reference.conv_bn import bn_scale_shift
-from ._bn import FoldCache, update_running_stats, uses_batch_stats
+from ._bn import FoldCache, fold_inputs, update_running_stats, uses_batch_stats
 from .conv_bn import ConvBN
 from ._match import is_depthwise, is_patch_merging, is_residual, is_squeeze_excite, patch_merging_acts, \
     squeeze_excite_gate
@@ -31,7 +31,7 @@ def dwconv_bn_forward(m: nn.Module, cache: FoldCache, x: torch.Tensor, residual:
             w = w + nn.functional.pad(torch.ones_like(w[..., :1, :1]), [k // 2] * 4)
         return w.to(x.dtype), shift.to(x.dtype)
 
-    w, b = cache.get([conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var], fold, x.dtype)
+    w, b = cache.get(fold_inputs(conv, bn), fold, x.dtype)
     return ops.dwconv_bn(x, w, b, stride, relu)
 
 

@@ -8,7 +8,7 @@ from .. import ops
 from ..ops._checks import check_positive_ints, check_tensor
 from ..reference import FFN, Residual
 from ..reference.conv_bn import bn_scale_shift
-from ._bn import FoldCache, update_running_stats, uses_batch_stats
+from ._bn import FoldCache, fold_inputs, update_running_stats, uses_batch_stats
 from ._match import is_ffn, is_residual
 
 
@@ -59,6 +59,4 @@ class ResidualFFN(Residual):
             return (_matrix(pw1.c) * s1[:, None]).to(x.dtype), t1.to(x.dtype), \
                 (_matrix(pw2.c) * s2[:, None]).to(x.dtype), t2.to(x.dtype)
 
-        tensors = [t for p in (pw1, pw2) for t in (p.c.weight, p.bn.weight, p.bn.bias, p.bn.running_mean,
-                                                   p.bn.running_var)]
-        return ops.ffn(x, *self._fold.get(tensors, fold, x.dtype))
+        return ops.ffn(x, *self._fold.get(fold_inputs(pw1.c, pw1.bn) + fold_inputs(pw2.c, pw2.bn), fold, x.dtype))

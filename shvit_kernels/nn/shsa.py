@@ -10,7 +10,7 @@ from ..ops._checks import check_tensor
 from ..reference import Residual
 from ..reference import SHSA as StockSHSA
 from ..reference.conv_bn import bn_scale_shift
-from ._bn import FoldCache, update_running_stats, uses_batch_stats
+from ._bn import FoldCache, fold_inputs, update_running_stats, uses_batch_stats
 from ._match import is_residual, is_shsa
 
 
@@ -40,9 +40,7 @@ def shsa_forward(m: StockSHSA, cache: FoldCache, x: torch.Tensor, residual: bool
         return (_matrix(qkv.c) * qs[:, None]).to(x.dtype), qb.to(x.dtype), \
             (_matrix(proj.c) * ps[:, None]).to(x.dtype), pb.to(x.dtype)
 
-    tensors = [qkv.c.weight, qkv.bn.weight, qkv.bn.bias, qkv.bn.running_mean, qkv.bn.running_var,
-               proj.c.weight, proj.bn.weight, proj.bn.bias, proj.bn.running_mean, proj.bn.running_var]
-    qw, qb, pw, pb = cache.get(tensors, fold, x.dtype)
+    qw, qb, pw, pb = cache.get(fold_inputs(qkv.c, qkv.bn) + fold_inputs(proj.c, proj.bn), fold, x.dtype)
     return ops.shsa(x, m.pre_norm.weight, m.pre_norm.bias, qw, qb, pw, pb, m.qk_dim, m.pre_norm.eps, residual)
 
 

@@ -15,10 +15,19 @@ def check_tensor(name: str, t, ndim: int | None = None, shape: tuple | None = No
         raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32, float64), got {t.dtype}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
-    if shape is not None and (t.dim() != len(shape) or any(not isinstance(s, str) and s != n
-                                                           for s, n in zip(shape, t.shape))):
+    if shape is not None and not _matches(shape, t.shape):
         want = str(tuple(shape)).replace("'", "")
         raise ValueError(f"{name} must have shape {want}{why}, got {tuple(t.shape)}")
+
+
+def _matches(shape: tuple, got: torch.Size) -> bool:
+    # a loop, not any(<generator>): every op call checks several tensors, and this is on the per-call host path
+    if len(shape) != len(got):
+        return False
+    for s, n in zip(shape, got):
+        if s != n and not isinstance(s, str):
+            return False
+    return True
 
 
 def check_positive_ints(owner: str, **values) -> None:

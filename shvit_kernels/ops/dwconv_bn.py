@@ -12,6 +12,7 @@ from ..reference import dwconv_bn as ref
 from ..reference.ffn import memory_format
 from ._autograd import mark_extra_outputs, none_without_grad
 from ._checks import autocast, check_same_device, check_same_dtype, check_tensor, empty_result
+from ._dispatch import call, custom_op
 
 OP = "dwconv_bn"
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -43,7 +44,7 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
 
 # ---- eval form: y = [relu](dwconv(x, weight) + bias) -------------------------------------------------------
 
-@torch.library.custom_op("shvit::dwconv_bn", mutates_args=())
+@custom_op("shvit::dwconv_bn")
 def _dwconv_bn(x: Tensor, weight: Tensor, bias: Tensor, stride: int, relu: bool) -> Tensor:
     return backends.kernel(OP, x).fwd(x, weight, bias, stride, relu)
 
@@ -76,7 +77,7 @@ _dwconv_bn.register_autograd(_eval_backward, setup_context=_eval_setup)
 
 # ---- training form: batch statistics --------------------------------------------------------------------
 
-@torch.library.custom_op("shvit::dwconv_bn_train", mutates_args=())
+@custom_op("shvit::dwconv_bn_train")
 def _dwconv_bn_train(x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, eps: float, stride: int,
                      residual: bool, relu: bool) -> tuple[Tensor, Tensor, Tensor]:
     return backends.kernel(OP, x).train_fwd(x, weight, bn_weight, bn_bias, eps, stride, residual, relu)
@@ -89,7 +90,7 @@ def _(x, weight, bn_weight, bn_bias, eps, stride, residual, relu):
     return y, x.new_empty(c, dtype=_stat_dtype(x)), x.new_empty(c, dtype=_stat_dtype(x))
 
 
-@torch.library.custom_op("shvit::dwconv_bn_train_backward", mutates_args=())
+@custom_op("shvit::dwconv_bn_train_backward")
 def _dwconv_bn_train_backward(grad_y: Tensor, x: Tensor, weight: Tensor, bn_weight: Tensor, mean: Tensor,
                               var: Tensor, y: Tensor, eps: float, stride: int, residual: bool,
                               relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -112,8 +113,8 @@ def _train_setup(ctx, inputs, output):
 @none_without_grad
 def _train_backward(ctx, grad_y, _grad_mean, _grad_var):
     x, weight, bn_weight, mean, var, y = ctx.saved_tensors
-    gx, gw, gbw, gbb = _dwconv_bn_train_backward(grad_y.contiguous(memory_format=memory_format(y)), x, weight, bn_weight,
-                                                 mean, var, y, *ctx.args)
+    gx, gw, gbw, gbb = call(_dwconv_bn_train_backward, grad_y.contiguous(memory_format=memory_format(y)), x, weight,
+                            bn_weight, mean, var, y, *ctx.args)
     return gx, gw, gbw, gbb, None, None, None, None
 
 
@@ -158,7 +159,7 @@ def dwconv_bn(x: Tensor, weight: Tensor, bias: Tensor, stride: int = 1, relu: bo
     _check(x, weight, stride, False, bias=bias)
     if x.shape[0] == 0:
         return _empty_batch(x, weight, stride, bias)
-    return _dwconv_bn(x, weight, bias.to(x.dtype), stride, relu)
+    return call(_dwconv_bn, x, weight, bias.to(x.dtype), stride, relu)
 
 
 def dwconv_bn_train(x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, eps: float = 1e-5,
@@ -178,4 +179,4 @@ def dwconv_bn_train(x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tenso
     if x.shape[0] == 0:
         nan = x.new_full((x.shape[1],), float("nan"), dtype=_stat_dtype(x))
         return _empty_batch(x, weight, stride, bn_weight, bn_bias), nan, nan.clone()
-    return _dwconv_bn_train(x, weight, bn_weight, bn_bias, float(eps), stride, residual, relu)
+    return call(_dwconv_bn_train, x, weight, bn_weight, bn_bias, float(eps), stride, residual, relu)

@@ -13,6 +13,7 @@ from .. import backends
 from ..reference import ffn as ref
 from ._autograd import mark_extra_outputs, none_without_grad
 from ._checks import autocast, check_same_device, check_same_dtype, check_tensor, empty_result
+from ._dispatch import call, custom_op
 
 OP = "ffn"
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -37,7 +38,7 @@ def _saved_like(x: Tensor, c: int) -> Tensor:
 
 # ---- eval form ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("shvit::ffn", mutates_args=())
+@custom_op("shvit::ffn")
 def _ffn(x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
     return backends.kernel(OP, x).fwd(x, w1, b1, w2, b2)
 
@@ -47,7 +48,7 @@ def _(x, w1, b1, w2, b2):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("shvit::ffn_backward", mutates_args=())
+@custom_op("shvit::ffn_backward")
 def _ffn_backward(grad_y: Tensor, x: Tensor, w1: Tensor, b1: Tensor, w2: Tensor,
                   b2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return backends.kernel(OP, x).bwd(grad_y, x, w1, b1, w2, b2)
@@ -64,7 +65,7 @@ def _eval_setup(ctx, inputs, output):
 
 def _eval_backward(ctx, grad_y):
     x = ctx.saved_tensors[0]
-    return _ffn_backward(grad_y.contiguous(memory_format=ref.memory_format(x)), *ctx.saved_tensors)
+    return call(_ffn_backward, grad_y.contiguous(memory_format=ref.memory_format(x)), *ctx.saved_tensors)
 
 
 _ffn.register_autograd(_eval_backward, setup_context=_eval_setup)
@@ -72,7 +73,7 @@ _ffn.register_autograd(_eval_backward, setup_context=_eval_setup)
 
 # ---- training form -----------------------------------------------------------------------------------------
 
-@torch.library.custom_op("shvit::ffn_train", mutates_args=())
+@custom_op("shvit::ffn_train")
 def _ffn_train(x: Tensor, w1: Tensor, bn1_w: Tensor, bn1_b: Tensor, eps1: float, w2: Tensor, bn2_w: Tensor,
                bn2_b: Tensor, eps2: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return backends.kernel(OP, x).train_fwd(x, w1, bn1_w, bn1_b, eps1, w2, bn2_w, bn2_b, eps2)
@@ -85,7 +86,7 @@ def _(x, w1, bn1_w, bn1_b, eps1, w2, bn2_w, bn2_b, eps2):
     return torch.empty_like(x), *stats, _saved_like(x, h), _saved_like(x, c)
 
 
-@torch.library.custom_op("shvit::ffn_train_backward", mutates_args=())
+@custom_op("shvit::ffn_train_backward")
 def _ffn_train_backward(grad_y: Tensor, x: Tensor, w1: Tensor, bn1_w: Tensor, bn1_b: Tensor, eps1: float, w2: Tensor,
                         bn2_w: Tensor, bn2_b: Tensor, eps2: float, mean1: Tensor, var1: Tensor, mean2: Tensor,
                         var2: Tensor, z1: Tensor, z2: Tensor
@@ -111,9 +112,9 @@ def _train_setup(ctx, inputs, output):
 def _train_backward(ctx, grad_y, *_grad_saved):
     x, w1, bn1_w, bn1_b, w2, bn2_w, bn2_b, *saved = ctx.saved_tensors
     eps1, eps2 = ctx.eps
-    gx, gw1, g1w, g1b, gw2, g2w, g2b = _ffn_train_backward(
-        grad_y.contiguous(memory_format=ref.memory_format(x)), x, w1, bn1_w, bn1_b, eps1, w2, bn2_w, bn2_b, eps2,
-        *saved)
+    gx, gw1, g1w, g1b, gw2, g2w, g2b = call(
+        _ffn_train_backward, grad_y.contiguous(memory_format=ref.memory_format(x)), x, w1, bn1_w, bn1_b, eps1, w2,
+        bn2_w, bn2_b, eps2, *saved)
     return gx, gw1, g1w, g1b, None, gw2, g2w, g2b, None
 
 
@@ -163,7 +164,7 @@ def ffn(x: Tensor, pw1_weight: Tensor, pw1_bias: Tensor, pw2_weight: Tensor, pw2
     _check(x, pw1_weight, pw2_weight, pw1_bias=pw1_bias, pw2_bias=pw2_bias)
     if x.shape[0] == 0:
         return empty_result(x.shape, x, pw1_weight, pw1_bias, pw2_weight, pw2_bias)
-    return _ffn(_dense(x), pw1_weight, pw1_bias.to(x.dtype), pw2_weight, pw2_bias.to(x.dtype))
+    return call(_ffn, _dense(x), pw1_weight, pw1_bias.to(x.dtype), pw2_weight, pw2_bias.to(x.dtype))
 
 
 def ffn_train(x: Tensor, pw1_weight: Tensor, bn1_weight: Tensor, bn1_bias: Tensor, pw2_weight: Tensor,
@@ -184,6 +185,6 @@ def ffn_train(x: Tensor, pw1_weight: Tensor, bn1_weight: Tensor, bn1_bias: Tenso
         return y, FFNStats(*nan)
     if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
         raise ValueError(f"x: BatchNorm training needs more than 1 value per channel, got shape {tuple(x.shape)}")
-    y, *stats, _, _ = _ffn_train(_dense(x), pw1_weight, bn1_weight, bn1_bias, float(eps1), pw2_weight, bn2_weight,
-                                 bn2_bias, float(eps2))
+    y, *stats, _, _ = call(_ffn_train, _dense(x), pw1_weight, bn1_weight, bn1_bias, float(eps1), pw2_weight,
+                           bn2_weight, bn2_bias, float(eps2))
     return y, FFNStats(*stats)

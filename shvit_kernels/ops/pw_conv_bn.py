@@ -14,6 +14,7 @@ from ..reference import pw_conv_bn as ref
 from ..reference.ffn import memory_format
 from ._autograd import mark_extra_outputs, none_without_grad
 from ._checks import autocast, check_same_device, check_same_dtype, check_tensor, empty_result
+from ._dispatch import call, custom_op
 
 OP = "pw_conv_bn"
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -46,7 +47,7 @@ def _dense(t: Tensor) -> Tensor:
 
 # ---- eval form ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("shvit::pw_conv_bn", mutates_args=())
+@custom_op("shvit::pw_conv_bn")
 def _pw(x: Tensor, w: Tensor, b: Tensor, gate: Tensor | None, relu: bool) -> Tensor:
     return backends.kernel(OP, x).fwd(x, w, b, gate, relu)
 
@@ -56,7 +57,7 @@ def _(x, w, b, gate, relu):
     return _out(x, w.shape[0])
 
 
-@torch.library.custom_op("shvit::pw_conv_bn_backward", mutates_args=())
+@custom_op("shvit::pw_conv_bn_backward")
 def _pw_backward(grad_y: Tensor, x: Tensor, w: Tensor, b: Tensor, gate: Tensor | None, relu: bool,
                  y: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return backends.kernel(OP, x).bwd(grad_y, x, w, b, gate, relu, y)
@@ -75,7 +76,8 @@ def _eval_setup(ctx, inputs, output):
 
 def _eval_backward(ctx, grad_y):
     x, w, b, gate, y = ctx.saved_tensors
-    gx, gw, gb, ggate = _pw_backward(grad_y.contiguous(memory_format=memory_format(x)), x, w, b, gate, ctx.relu, y)
+    gx, gw, gb, ggate = call(_pw_backward, grad_y.contiguous(memory_format=memory_format(x)), x, w, b, gate, ctx.relu,
+                             y)
     return gx, gw, gb, ggate if ctx.has_gate else None, None
 
 
@@ -84,7 +86,7 @@ _pw.register_autograd(_eval_backward, setup_context=_eval_setup)
 
 # ---- training form -----------------------------------------------------------------------------------------
 
-@torch.library.custom_op("shvit::pw_conv_bn_train", mutates_args=())
+@custom_op("shvit::pw_conv_bn_train")
 def _pw_train(x: Tensor, w: Tensor, bn_w: Tensor, bn_b: Tensor, eps: float, gate: Tensor | None,
               relu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return backends.kernel(OP, x).train_fwd(x, w, bn_w, bn_b, eps, gate, relu)
@@ -96,7 +98,7 @@ def _(x, w, bn_w, bn_b, eps, gate, relu):
     return _out(x, o), x.new_empty(o, dtype=sd), x.new_empty(o, dtype=sd), _out(x, o, torch.channels_last)
 
 
-@torch.library.custom_op("shvit::pw_conv_bn_train_backward", mutates_args=())
+@custom_op("shvit::pw_conv_bn_train_backward")
 def _pw_train_backward(grad_y: Tensor, x: Tensor, w: Tensor, bn_w: Tensor, bn_b: Tensor, eps: float,
                        gate: Tensor | None, relu: bool, mean: Tensor, var: Tensor,
                        z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -120,8 +122,8 @@ def _train_setup(ctx, inputs, output):
 @none_without_grad
 def _train_backward(ctx, grad_y, *_grad_saved):
     x, w, bn_w, bn_b, gate, mean, var, z = ctx.saved_tensors
-    gx, gw, gbn_w, gbn_b, ggate = _pw_train_backward(grad_y.contiguous(memory_format=memory_format(x)), x, w, bn_w,
-                                                     bn_b, ctx.eps, gate, ctx.relu, mean, var, z)
+    gx, gw, gbn_w, gbn_b, ggate = call(_pw_train_backward, grad_y.contiguous(memory_format=memory_format(x)), x, w,
+                                       bn_w, bn_b, ctx.eps, gate, ctx.relu, mean, var, z)
     return gx, gw, gbn_w, gbn_b, None, ggate if ctx.has_gate else None, None
 
 
@@ -159,7 +161,7 @@ def pw_conv_bn(x: Tensor, weight: Tensor, bias: Tensor, gate: Tensor | None = No
     if x.shape[0] == 0:
         return empty_result((0, weight.shape[0], *x.shape[2:]), x, weight, bias, gate)
     gate = None if gate is None else gate.to(x.dtype)
-    return _pw(_dense(x), weight, bias.to(x.dtype), gate, bool(relu))
+    return call(_pw, _dense(x), weight, bias.to(x.dtype), gate, bool(relu))
 
 
 def pw_conv_bn_train(x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tensor, eps: float = 1e-5,
@@ -178,5 +180,5 @@ def pw_conv_bn_train(x: Tensor, weight: Tensor, bn_weight: Tensor, bn_bias: Tens
     if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
         raise ValueError(f"x: BatchNorm training needs more than 1 value per channel, got shape {tuple(x.shape)}")
     gate = None if gate is None else gate.to(x.dtype)
-    y, mean, var, _ = _pw_train(_dense(x), weight, bn_weight, bn_bias, float(eps), gate, bool(relu))
+    y, mean, var, _ = call(_pw_train, _dense(x), weight, bn_weight, bn_bias, float(eps), gate, bool(relu))
     return y, mean, var

@@ -15,6 +15,7 @@ from ..reference import shsa as ref
 from ..reference.ffn import memory_format
 from ._autograd import mark_extra_outputs, none_without_grad
 from ._checks import autocast, check_same_device, check_same_dtype, check_tensor, empty_result
+from ._dispatch import call, custom_op
 
 OP = "shsa"
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,7 +45,7 @@ backends.register(OP, "cuda", SimpleNamespace(
 
 # ---- eval form -----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("shvit::shsa", mutates_args=())
+@custom_op("shvit::shsa")
 def _shsa(x: Tensor, gn_w: Tensor, gn_b: Tensor, gn_eps: float, qkv_w: Tensor, qkv_b: Tensor, proj_w: Tensor,
           proj_b: Tensor, qk_dim: int, residual: bool) -> Tensor:
     return backends.kernel(OP, x).fwd(x, gn_w, gn_b, gn_eps, qkv_w, qkv_b, proj_w, proj_b, qk_dim, residual)
@@ -55,7 +56,7 @@ def _(x, gn_w, gn_b, gn_eps, qkv_w, qkv_b, proj_w, proj_b, qk_dim, residual):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("shvit::shsa_backward", mutates_args=())
+@custom_op("shvit::shsa_backward")
 def _shsa_backward(grad_y: Tensor, x: Tensor, gn_w: Tensor, gn_b: Tensor, gn_eps: float, qkv_w: Tensor,
                    qkv_b: Tensor, proj_w: Tensor, proj_b: Tensor, qk_dim: int,
                    residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -81,7 +82,7 @@ def _merge(ctx) -> list:
 
 def _eval_backward(ctx, grad_y):
     args = _merge(ctx)
-    gx, *gp = _shsa_backward(grad_y.contiguous(), *args)
+    gx, *gp = call(_shsa_backward, grad_y.contiguous(), *args)
     ggw, ggb, gqw, gqb, gpw, gpb = gp
     return gx, ggw, ggb, None, gqw, gqb, gpw, gpb, None, None
 
@@ -91,7 +92,7 @@ _shsa.register_autograd(_eval_backward, setup_context=_eval_setup)
 
 # ---- training form ---------------------------------------------------------------------------------------
 
-@torch.library.custom_op("shvit::shsa_train", mutates_args=())
+@custom_op("shvit::shsa_train")
 def _shsa_train(x: Tensor, gn_w: Tensor, gn_b: Tensor, gn_eps: float, qkv_w: Tensor, qkv_bn_w: Tensor,
                 qkv_bn_b: Tensor, qkv_eps: float, proj_w: Tensor, proj_bn_w: Tensor, proj_bn_b: Tensor,
                 proj_eps: float, qk_dim: int, residual: bool
@@ -118,7 +119,7 @@ def _(x, gn_w, gn_b, gn_eps, qkv_w, qkv_bn_w, qkv_bn_b, qkv_eps, proj_w, proj_bn
             x.new_empty(c, dtype=sd), kept)
 
 
-@torch.library.custom_op("shvit::shsa_train_backward", mutates_args=())
+@custom_op("shvit::shsa_train_backward")
 def _shsa_train_backward(grad_y: Tensor, x: Tensor, gn_w: Tensor, gn_b: Tensor, gn_eps: float, qkv_w: Tensor,
                          qkv_bn_w: Tensor, qkv_bn_b: Tensor, qkv_eps: float, proj_w: Tensor, proj_bn_w: Tensor,
                          proj_bn_b: Tensor, proj_eps: float, qkv_mean: Tensor, qkv_var: Tensor, proj_mean: Tensor,
@@ -152,7 +153,7 @@ def _train_backward(ctx, grad_y, *_grad_stats):
     stats = saved[-5:]  # the four statistics and kept
     ctx_inputs = iter(saved[:-5])
     args = [next(ctx_inputs) if a is None else a for a in ctx.inputs]
-    grads = _shsa_train_backward(grad_y.contiguous(), *args[:12], *stats, *args[12:])
+    grads = call(_shsa_train_backward, grad_y.contiguous(), *args[:12], *stats, *args[12:])
     gx, ggw, ggb, gqw, gqbw, gqbb, gpw, gpbw, gpbb = grads
     return gx, ggw, ggb, None, gqw, gqbw, gqbb, None, gpw, gpbw, gpbb, None, None, None
 
@@ -213,8 +214,8 @@ def shsa(x: Tensor, gn_weight: Tensor, gn_bias: Tensor, qkv_weight: Tensor, qkv_
     _check(x, gn_weight, qkv_weight, proj_weight, qk_dim, gn_bias=gn_bias, qkv_bias=qkv_bias, proj_bias=proj_bias)
     if x.shape[0] == 0:
         return empty_result(x.shape, x, gn_weight, gn_bias, qkv_weight, qkv_bias, proj_weight, proj_bias)
-    return _like_input(_shsa(_contig(x), gn_weight, gn_bias, float(gn_eps), qkv_weight, qkv_bias, proj_weight,
-                             proj_bias, qk_dim, residual), x)
+    return _like_input(call(_shsa, _contig(x), gn_weight, gn_bias, float(gn_eps), qkv_weight, qkv_bias, proj_weight,
+                            proj_bias, qk_dim, residual), x)
 
 
 def shsa_train(x: Tensor, gn_weight: Tensor, gn_bias: Tensor, qkv_weight: Tensor, qkv_bn_weight: Tensor,
@@ -236,7 +237,7 @@ def shsa_train(x: Tensor, gn_weight: Tensor, gn_bias: Tensor, qkv_weight: Tensor
         return y, TrainStats(*nan)
     if x.shape[0] * x.shape[2] * x.shape[3] <= 1:
         raise ValueError(f"x: BatchNorm training needs more than 1 value per channel, got shape {tuple(x.shape)}")
-    y, *stats, _ = _shsa_train(_contig(x), gn_weight, gn_bias, float(gn_eps), qkv_weight, qkv_bn_weight,
-                               qkv_bn_bias, float(qkv_eps), proj_weight, proj_bn_weight, proj_bn_bias, float(proj_eps),
-                               qk_dim, residual)
+    y, *stats, _ = call(_shsa_train, _contig(x), gn_weight, gn_bias, float(gn_eps), qkv_weight, qkv_bn_weight,
+                        qkv_bn_bias, float(qkv_eps), proj_weight, proj_bn_weight, proj_bn_bias, float(proj_eps), qk_dim,
+                        residual)
     return _like_input(y, x), TrainStats(*stats)

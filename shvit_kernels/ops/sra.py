@@ -12,6 +12,7 @@ from .. import backends
 from ..reference import sra as ref
 from ._autograd import mark_extra_outputs, none_without_grad
 from ._checks import autocast, check_same_device, check_same_dtype, check_tensor, check_tokens, empty_result
+from ._dispatch import call, custom_op
 
 OP = "sra"
 _ALL = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -30,7 +31,7 @@ def _reduced_hw(h: int, w: int, sr_ratio: int, linear: bool) -> tuple[int, int]:
 
 # ---- spatial reduction -------------------------------------------------------------------------------------
 
-@torch.library.custom_op("shvit::sra_reduce", mutates_args=())
+@custom_op("shvit::sra_reduce")
 def _reduce(x: Tensor, h: int, w: int, sr_w: Tensor, sr_b: Tensor, ln_w: Tensor, ln_b: Tensor, eps: float,
             sr_ratio: int, linear: bool) -> Tensor:
     return backends.kernel(OP, x).reduce_fwd(x, h, w, sr_w, sr_b, ln_w, ln_b, eps, sr_ratio, linear)
@@ -42,7 +43,7 @@ def _(x, h, w, sr_w, sr_b, ln_w, ln_b, eps, sr_ratio, linear):
     return x.new_empty((x.shape[0], ho * wo, x.shape[2]))
 
 
-@torch.library.custom_op("shvit::sra_reduce_backward", mutates_args=())
+@custom_op("shvit::sra_reduce_backward")
 def _reduce_backward(g_red: Tensor, x: Tensor, h: int, w: int, sr_w: Tensor, sr_b: Tensor, ln_w: Tensor,
                      ln_b: Tensor, eps: float, sr_ratio: int,
                      linear: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -63,8 +64,8 @@ def _reduce_setup(ctx, inputs, output):
 def _reduce_grad(ctx, g_red):
     x, sr_w, sr_b, ln_w, ln_b = ctx.saved_tensors
     h, w, eps, sr_ratio, linear = ctx.options
-    gx, gsw, gsb, glw, glb = _reduce_backward(g_red.contiguous(), x, h, w, sr_w, sr_b, ln_w, ln_b, eps, sr_ratio,
-                                              linear)
+    gx, gsw, gsb, glw, glb = call(_reduce_backward, g_red.contiguous(), x, h, w, sr_w, sr_b, ln_w, ln_b, eps,
+                                  sr_ratio, linear)
     return gx, None, None, gsw, gsb, glw, glb, None, None, None
 
 
@@ -73,7 +74,7 @@ _reduce.register_autograd(_reduce_grad, setup_context=_reduce_setup)
 
 # ---- attention -----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("shvit::sra_attention", mutates_args=())
+@custom_op("shvit::sra_attention")
 def _attention(x: Tensor, red: Tensor, q_w: Tensor, q_b: Tensor | None, kv_w: Tensor, kv_b: Tensor | None,
                num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
     return backends.kernel(OP, x).attn_fwd(x, red, q_w, q_b, kv_w, kv_b, num_heads, scale)
@@ -85,7 +86,7 @@ def _(x, red, q_w, q_b, kv_w, kv_b, num_heads, scale):
     return torch.empty_like(x), x.new_empty((x.shape[0], num_heads, x.shape[1]), dtype=lse_dtype)
 
 
-@torch.library.custom_op("shvit::sra_attention_backward", mutates_args=())
+@custom_op("shvit::sra_attention_backward")
 def _attention_backward(g_o: Tensor, x: Tensor, red: Tensor, q_w: Tensor, q_b: Tensor | None, kv_w: Tensor,
                         kv_b: Tensor | None, o: Tensor, lse: Tensor, num_heads: int, scale: float
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -112,8 +113,8 @@ def _attention_setup(ctx, inputs, output):
 @none_without_grad
 def _attention_grad(ctx, g_o, _g_lse):
     x, red, q_w, q_b, kv_w, kv_b, o, lse = ctx.saved_tensors
-    gx, g_red, g_qw, g_qb, g_kvw, g_kvb = _attention_backward(g_o.contiguous(), x, red, q_w, q_b, kv_w, kv_b, o,
-                                                             lse, *ctx.options)
+    gx, g_red, g_qw, g_qb, g_kvw, g_kvb = call(_attention_backward, g_o.contiguous(), x, red, q_w, q_b, kv_w, kv_b,
+                                               o, lse, *ctx.options)
     has_qb, has_kvb = ctx.has_bias
     return gx, g_red, g_qw, g_qb if has_qb else None, g_kvw, g_kvb if has_kvb else None, None, None
 
@@ -142,7 +143,7 @@ def sra_reduce(x: Tensor, h: int, w: int, sr_weight: Tensor, sr_bias: Tensor, ln
     ho, wo = _reduced_hw(h, w, sr_ratio, linear)
     if x.shape[0] == 0:
         return empty_result((0, ho * wo, c), x, sr_weight, sr_bias, ln_weight, ln_bias)
-    return _reduce(x.contiguous(), h, w, sr_weight, sr_bias, ln_weight, ln_bias, float(eps), sr_ratio, linear)
+    return call(_reduce, x.contiguous(), h, w, sr_weight, sr_bias, ln_weight, ln_bias, float(eps), sr_ratio, linear)
 
 
 def sra_attention(x: Tensor, red: Tensor, q_weight: Tensor, q_bias: Tensor | None, kv_weight: Tensor,
@@ -167,5 +168,5 @@ def sra_attention(x: Tensor, red: Tensor, q_weight: Tensor, q_bias: Tensor | Non
     check_same_dtype("x", x, red=red, q_weight=q_weight, kv_weight=kv_weight)
     if b == 0 or n == 0:
         return empty_result(x.shape, x, red, q_weight, q_bias, kv_weight, kv_bias)
-    return _attention(x.contiguous(), red.contiguous(), q_weight, q_bias, kv_weight, kv_bias, num_heads,
-                      float(scale))[0]
+    return call(_attention, x.contiguous(), red.contiguous(), q_weight, q_bias, kv_weight, kv_bias, num_heads,
+                float(scale))[0]
