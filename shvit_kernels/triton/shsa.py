@@ -749,14 +749,14 @@ class _Front:
         return gx, gsums[P:], gsums[:P], g_qkv_w, qsums, g_proj_w, g_sums
 
 
-def _one_kernel(sz: _Sizes) -> bool:
+def _fits_one_launch(sz: _Sizes) -> bool:
     """Whether the eval forward fits _eval_kernel: every key in one block, and the [queries, keys] scores within
     ONE_KERNEL_TILE."""
     n = _p2(sz.N)
     return n <= SINGLE_PASS_MAX and n * n <= ONE_KERNEL_TILE
 
 
-def _eval_one_kernel(x, sz, gn_w, gn_b, gn_eps, qkv_w, qkv_b, proj_w, proj_b, residual):
+def _eval_in_one_launch(x, sz, gn_w, gn_b, gn_eps, qkv_w, qkv_b, proj_w, proj_b, residual):
     # Channel groups per sample: enough programs to fill a GPU when the batch alone does not (each group recomputes
     # the attention: at S4's stage-2 shape about a third of one 64-channel block's projection FLOPs)
     n_cblk = triton.cdiv(sz.C, _EVAL_BLOCK_C)
@@ -776,9 +776,9 @@ def _eval_one_kernel(x, sz, gn_w, gn_b, gn_eps, qkv_w, qkv_b, proj_w, proj_b, re
 def fwd(x, gn_w, gn_b, gn_eps, qkv_w, qkv_b, proj_w, proj_b, qk_dim, residual):
     x = x.contiguous()
     sz = _Sizes(x, gn_w, qk_dim)
-    if _one_kernel(sz):
-        return _eval_one_kernel(x, sz, gn_w.contiguous(), gn_b.contiguous(), gn_eps, qkv_w, qkv_b.contiguous(),
-                                proj_w, proj_b.contiguous(), residual)
+    if _fits_one_launch(sz):
+        return _eval_in_one_launch(x, sz, gn_w.contiguous(), gn_b.contiguous(), gn_eps, qkv_w, qkv_b.contiguous(),
+                                   proj_w, proj_b.contiguous(), residual)
     f = _Front(x, gn_w, gn_b, gn_eps, qkv_w, qk_dim, qkv_b=qkv_b)
     y = torch.empty_like(f.x)
     f.proj(proj_w, y, 0, residual=residual, bias=proj_b)

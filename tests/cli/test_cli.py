@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from shvit_kernels.__main__ import main
 
@@ -111,6 +112,17 @@ def test_gpu_profile_reports_each_implementation(tmp_path):
         for impl in ("stock", "fused auto"):
             assert f"| {mode} | {impl}: wall " in text
     assert "dwconv_bn" in text and "ms  x" in text
+
+
+def test_host_overhead_reports_every_layer(capsys):
+    """benchmarks.host_overhead on the CPU: a positive per-call time for each layer of the SHSA call stack."""
+    from benchmarks import host_overhead
+
+    rows = host_overhead.measure(torch.device("cpu"), "auto", calls=5, repeats=2)
+    assert list(rows) == ["backend", "dispatcher", "op", "op, no fast path", "module", "op+grad"]
+    assert all(us > 0 for us in rows.values())
+    assert host_overhead.main(["--calls", "3", "--repeats", "1"]) == 0
+    assert "module" in capsys.readouterr().out
 
 
 def test_gpu_tune_knobs_are_bound():
