@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import importlib
 import itertools
+import math
 import pkgutil
 
 import torch
@@ -24,6 +25,7 @@ import shvit_kernels.triton as triton_pkg
 from benchmarks._args import case_parser
 from shvit_kernels import bench
 from shvit_kernels.roofline import measure_ceilings, time_ms
+from shvit_kernels.triton import shsa
 
 # op (or "op mode" where a mode runs other kernels) -> {constant: values}, swept as a grid; the module's current value
 # (the default) is always in it
@@ -70,17 +72,22 @@ def setting(values: dict[str, int]):
             setattr(m, k, v)
 
 
-def knobs(op: str, mode: str) -> dict[str, list[int]]:
-    return KNOBS.get(f"{op} {mode}", KNOBS[op])
+def knobs(op: str, mode: str, input_shape: tuple[int, ...] | None = None) -> dict[str, list[int]]:
+    """The grid for `op` in `mode`. "shsa eval fwd" applies only to inputs that take the one-kernel eval (up to 64
+    tokens); larger ones run the launches that KNOBS["shsa"] tunes."""
+    key = f"{op} {mode}"
+    if key == "shsa eval fwd" and input_shape is not None and not shsa._fits_one_launch(math.prod(input_shape[2:])):
+        return KNOBS[op]
+    return KNOBS.get(key, KNOBS[op])
 
 
-def defaults(op: str, mode: str) -> dict[str, int]:
+def defaults(op: str, mode: str, input_shape: tuple[int, ...] | None = None) -> dict[str, int]:
     mods = _modules()
-    return {k: next(getattr(m, k) for m in mods if hasattr(m, k)) for k in knobs(op, mode)}
+    return {k: next(getattr(m, k) for m in mods if hasattr(m, k)) for k in knobs(op, mode, input_shape)}
 
 
 def sweep(case: bench.Case, mode: str, device: torch.device, dtype: torch.dtype, ceilings) -> list[Row]:
-    base, space = defaults(case.op, mode), knobs(case.op, mode)
+    base, space = defaults(case.op, mode, case.input_shape), knobs(case.op, mode, case.input_shape)
     grid = [dict(zip(space, vals, strict=True)) for vals in itertools.product(*space.values())]
     if base not in grid:
         grid.insert(0, base)

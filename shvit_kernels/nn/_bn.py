@@ -19,10 +19,18 @@ def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
 
 
 def fold_inputs(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> list[torch.Tensor]:
-    """What a conv-BN fold reads, for FoldCache: conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var.
-    Read from the modules' own dicts: nn.Module.__getattr__ costs about 1 µs a name on the CPU VM, on every call."""
-    p, b = bn._parameters, bn._buffers
-    return [conv._parameters["weight"], p["weight"], p["bias"], b["running_mean"], b["running_var"]]
+    """What a conv-BN fold reads, for FoldCache: conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var."""
+    return [_state(conv, "weight"), _state(bn, "weight"), _state(bn, "bias"), _state(bn, "running_mean"),
+            _state(bn, "running_var")]
+
+
+def _state(m: nn.Module, name: str) -> torch.Tensor | None:
+    # From the module's own dicts (nn.Module.__getattr__ costs about 1 µs a name on the CPU VM, on every call);
+    # a pruned or parametrized weight (weight_orig + mask, or a property) is not there: getattr computes it
+    t = m._parameters.get(name)
+    if t is None:
+        t = m._buffers.get(name)
+    return t if t is not None else getattr(m, name)
 
 
 def _distributed_world() -> int:

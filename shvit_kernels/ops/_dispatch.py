@@ -4,13 +4,17 @@ Every op is a `torch.library.custom_op` (schema, fake impl, autograd, torch.comp
 the dispatcher costs a Python custom op about 50 µs per call on the 2-core CPU VM (autograd wrapper, redispatch,
 alias checks), around 20 µs on an H100 host: more than a fused kernel takes on the GPU. When the dispatcher would do
 nothing but call the implementation (eager, plain tensors, no autograd edge, nothing tracing, profiling or
-intercepting), `call` runs the implementation directly: the same function, the same kernels, the same result.
+intercepting, no forward-mode AD level), `call` runs the implementation directly: the same function, the same
+kernels, the same result. What the fast path does not see: kernels registered later for these ops through
+torch.library (the project registers none), and the custom op's check that no output aliases an input (the opcheck
+tests run it).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _IMPLS: dict[object, Callable] = {}
@@ -31,7 +35,7 @@ def direct(args: tuple) -> bool:
     """Whether the dispatcher would do nothing for op(*args) but run its implementation."""
     if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.autograd._profiler_enabled()
             or torch._C._are_functorch_transforms_active() or torch._C._is_torch_function_mode_enabled()
-            or _get_current_dispatch_mode() is not None):
+            or _get_current_dispatch_mode() is not None or forward_ad._current_level >= 0):
         return False
     if args[0].device.type not in _DEVICES:  # every op's first argument is its activation tensor
         return False

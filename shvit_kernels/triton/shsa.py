@@ -7,7 +7,7 @@ before its bias/BN, o: attention output, go: its grad, ga = [dq; dk; dv]) or a s
 Eval forward at up to 64 tokens (S4's attention stages; ONE_KERNEL_TILE): 1 launch, _eval_kernel, grid (B, channel
   groups). Per sample: GroupNorm statistics (two passes over x1), q, k and the softmax numerator in registers; v and
   o in blocks of _EVAL_BLOCK_V rows, o through the program's own scratch rows (B*groups, P, N), read back after a
-  barrier by the projection + bias [+ x]. Read x (x1 six times, from L1 after the first), write y. Channel groups
+  barrier by the projection + bias [+ x]. Read x (x1 six times, from L1/L2 after the first), write y. Channel groups
   only when B alone gives fewer than _GPU_PROGRAMS programs; each recomputes the attention.
 Forward otherwise (eval: 5 launches; training: 8). Per launch: grid, then bytes (one element = one activation):
   gn_stats  (B*token tiles, channel blocks)  read x1 (B*P*N) -> Welford partials; _welford -> per-sample mean/var
@@ -749,10 +749,10 @@ class _Front:
         return gx, gsums[P:], gsums[:P], g_qkv_w, qsums, g_proj_w, g_sums
 
 
-def _fits_one_launch(sz: _Sizes) -> bool:
+def _fits_one_launch(n_tokens: int) -> bool:
     """Whether the eval forward fits _eval_kernel: every key in one block, and the [queries, keys] scores within
     ONE_KERNEL_TILE."""
-    n = _p2(sz.N)
+    n = _p2(n_tokens)
     return n <= SINGLE_PASS_MAX and n * n <= ONE_KERNEL_TILE
 
 
@@ -776,7 +776,7 @@ def _eval_in_one_launch(x, sz, gn_w, gn_b, gn_eps, qkv_w, qkv_b, proj_w, proj_b,
 def fwd(x, gn_w, gn_b, gn_eps, qkv_w, qkv_b, proj_w, proj_b, qk_dim, residual):
     x = x.contiguous()
     sz = _Sizes(x, gn_w, qk_dim)
-    if _fits_one_launch(sz):
+    if _fits_one_launch(sz.N):
         return _eval_in_one_launch(x, sz, gn_w.contiguous(), gn_b.contiguous(), gn_eps, qkv_w, qkv_b.contiguous(),
                                    proj_w, proj_b.contiguous(), residual)
     f = _Front(x, gn_w, gn_b, gn_eps, qkv_w, qk_dim, qkv_b=qkv_b)

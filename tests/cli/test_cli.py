@@ -134,7 +134,8 @@ def test_gpu_tune_knobs_are_bound():
         op, _, mode = key.partition(" ")
         mode = mode or "train fwd+bwd"  # no mode of its own there
         assert set(gpu_tune.defaults(op, mode)) == set(gpu_tune.knobs(op, mode)) == set(gpu_tune.KNOBS[key])
-    assert "_EVAL_BLOCK_V" in gpu_tune.knobs("shsa", "eval fwd")
+    assert "_EVAL_BLOCK_V" in gpu_tune.knobs("shsa", "eval fwd", (256, 336, 8, 8))
+    assert gpu_tune.knobs("shsa", "eval fwd", (8, 336, 42, 25)) is gpu_tune.KNOBS["shsa"]  # the launch path
     assert gpu_tune.knobs("shsa", "train fwd+bwd") is gpu_tune.KNOBS["shsa"]
 
 

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from torch.nn.utils import parametrize, prune
 
 import shvit_kernels as sk
 from shvit_kernels import nn as fnn
@@ -44,6 +45,29 @@ def test_eval_and_train_match_stock(name):
         torch.testing.assert_close(fused(x), stock(x))
         for (k, a), b in zip(bn_states(fused).items(), bn_states(stock).values()):
             torch.testing.assert_close(a, b, msg=f"{k} after step {step}")
+
+
+class _Double(torch.nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("name", sorted(STOCKS))
+def test_pruned_and_parametrized_weights_fold_like_plain_ones(name):
+    """A pruned conv weight (weight_orig * mask, no longer a parameter) and a parametrized one (a property) reach
+    the eval fold as the stock forward sees them."""
+    make, shape = STOCKS[name]
+    stock = make()
+    convs = [m for m in stock.modules() if isinstance(m, torch.nn.Conv2d)]
+    torch.manual_seed(0)
+    with torch.no_grad():  # a grad-tracking pruned weight is a non-leaf, which deepcopy (in _pair) refuses
+        prune.random_unstructured(convs[0], "weight", amount=0.5)
+    if len(convs) > 1:
+        parametrize.register_parametrization(convs[-1], "weight", _Double())
+    stock, fused = _pair(stock)
+    x = torch.randn(shape, dtype=D)
+    stock.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), stock(x))
 
 
 def test_momentum_none_is_cumulative_average():

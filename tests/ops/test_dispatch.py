@@ -52,6 +52,8 @@ def test_direct_when_the_dispatcher_has_nothing_to_do():
         with torch.profiler.profile():
             assert not _dispatch.direct((x,))  # the profiler records the op by name
         assert torch.func.vmap(lambda t: torch.tensor(_dispatch.direct((t,))))(x).logical_not().all()
+        with torch.autograd.forward_ad.dual_level():
+            assert not _dispatch.direct((x,))  # dual tensors do not require grad, yet autograd must see the op
 
 
 @pytest.mark.parametrize("grad", [False, True])

@@ -32,10 +32,10 @@ META = torch.device("meta")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 LAYOUTS = (torch.contiguous_format, torch.channels_last)
 # SHViT S1-S4 stage shapes (dim, pdim, H, W at 224 / 256 px) and the PatchMerging transitions between them, with
-# the issues' extra cases: odd pdims and maps, one token, 10x10 (the one-kernel eval at 128 padded tokens),
+# the issues' extra cases: odd pdims and maps, one token, 4x8 (the one-kernel eval at 32 padded tokens, 4 warps),
 # detection's 42x25, SHSA's large N (64x64, 128x128 tokens).
 SHSA = [(128, 32, 14, 14), (224, 48, 7, 7), (320, 68, 4, 4), (308, 66, 7, 7), (352, 75, 7, 7), (336, 72, 8, 8),
-        (448, 96, 4, 4), (448, 96, 1, 1), (224, 48, 10, 10), (64, 17, 3, 3), (64, 17, 33, 31), (336, 72, 42, 25),
+        (448, 96, 4, 4), (448, 96, 1, 1), (224, 48, 4, 8), (64, 17, 3, 3), (64, 17, 33, 31), (336, 72, 42, 25),
         (336, 72, 64, 64), (256, 64, 128, 128)]
 CHANNELS = [(128, 14), (192, 14), (224, 16), (308, 7), (336, 8), (448, 4), (75, 9)]
 MERGES = [(128, 224, 14), (224, 336, 16), (336, 448, 8)]
