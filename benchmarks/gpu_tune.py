@@ -33,6 +33,7 @@ KNOBS: dict[str, dict[str, list[int]]] = {
     "dwconv_bn": {"_TILE": [1024, 2048], "_WARPS": [4, 8], "_IMAGES": [1, 4, 8], "_ROW_PX": [128, 256]},
     "pw_conv_bn": {"_BLOCK_R": [64, 128], "_BLOCK_K": [32, 64], "_GEMM_WARPS": [4, 8]},
     "ffn": {"_FUSED_ACC": [4096, 8192, 16384], "_BLOCK_T": [32, 64, 128], "_GEMM_WARPS": [4, 8]},
+    "ffn eval fwd": {"RESIDENT_X": [0, 32768], "_RESIDENT_TOKENS": [32, 64, 128], "FUSED_HIDDEN": [16, 32]},
     "shsa": {"_ATTN_TILE": [4096, 8192, 16384], "_BLOCK_R": [32, 64, 128], "_GEMM_WARPS": [4, 8]},
     "shsa eval fwd": {"_EVAL_BLOCK_V": [16, 32, 64], "_EVAL_BLOCK_C": [32, 64, 128], "_GEMM_WARPS": [4, 8]},
     "sra": {"_ATTN_TILE": [8192, 16384, 32768], "_LN_TILE": [4096, 8192], "_GEMM_WARPS": [4, 8]},

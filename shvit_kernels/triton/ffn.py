@@ -7,11 +7,16 @@ strides: x, grad_y, y and grad_x are NCHW (token stride 1) or channels_last (cha
 with no layout copy; z1 (B, h, H, W) and z2 (B, d, H, W) are saved channels_last, as the spec says. One activation
 element below = one element of x; "h/d x" counts a hidden-size tensor.
 
-Eval forward (1 launch, 1 pass): _fused_fwd_kernel, grid (B*token tiles, d row blocks). Per tile of BLOCK_T tokens,
-  a loop over hidden blocks: z = W1[hb] x + b1, relu, acc += W2[:, hb] relu(z). The hidden activation exists only as
-  one [BLOCK_H, BLOCK_T] register tile and the [d rows, BLOCK_T] accumulator stays in registers; read x, write y.
-  When d is wider than FUSED_ROWS, the output rows are split over programs and each recomputes the hidden for its
-  row block: n_dblk times the first GEMM's FLOPs (total FLOPs x (1 + n_dblk) / 2) and n_dblk reads of x.
+Eval forward (1 launch, 1 pass): _fused_fwd_kernel, grid (token tiles of the flattened B*N tokens, d row blocks).
+  Per tile of BLOCK_T tokens (which may span samples), a loop over hidden blocks: z = W1[hb] x + b1, relu,
+  acc += W2[:, hb] relu(z). The hidden activation exists only as one [BLOCK_H, BLOCK_T] register tile and the
+  [d rows, BLOCK_T] accumulator stays in registers; read x, write y. Every program streams all of W1 and W2 from
+  L2, which bounds the kernel (S4 stage 1, batch 256: 448 KB per program), so the tile is made long: with x
+  resident (fp16 / bf16 on a GPU; _resident_blocks) x's whole [d, BLOCK_T] tile is loaded once and each hidden
+  block's first GEMM is one dot over all d channels, which lets BLOCK_T reach 128 (W1 + W2 streamed 512 times at
+  that shape instead of 2048, and x read once instead of once per hidden block). Otherwise (FMA dots: GPU fp32 /
+  fp64) the first GEMM steps through d in BLOCK_K chunks of x. When d is wider than BLOCK_D, the output rows are
+  split over programs and each recomputes the hidden for its row block: n_dblk times the first GEMM's FLOPs.
 Eval backward (gets only the inputs; 3 launches + 4 small sums):
   _fused_bwd_kernel (same grid): per hidden block, recompute z = W1[hb] x + b1 and gh = W2[:, hb]^T grad_y, gz1 =
             gh * (z > 0); acc += W1[hb]^T gz1; grad_x = grad_y + acc. Read x, grad_y; write grad_x and, from row
@@ -39,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _BLOCK_T, _BN, _cast, _mm, _p2, _relu, _sum, _welford
+from ._common import _BLOCK_T, _BN, _GPU_PROGRAMS, _cast, _mm, _p2, _relu, _sum, _welford
 from ._token_gemm import (_Dims, _bn_apply, _bn_operand, _bn_sums, _dense, _gemm, _gemm_launch, _no_bn, _ptrs,
                           _st, _t, _wgrad)
 
@@ -48,6 +53,10 @@ FUSED_ROWS = 256  # most output channels per program (a [FUSED_ROWS, tokens] fp3
 FUSED_HIDDEN = 32  # hidden rows per step
 FUSED_K = 64  # channels per step of the first GEMM (W1[hb] x)
 _FUSED_ACC = 8192  # accumulator elements per program: 32 fp32 registers a thread at 8 warps
+RESIDENT_X = 32768  # forward: most x elements kept in shared memory over the hidden loop (64 KB fp16); 0: never
+_RESIDENT_ACC = 32768  # ... its accumulator elements per program (64 fp32 registers a thread at 16 warps)
+_RESIDENT_TOKENS = 128  # ... and most tokens per program
+_RESIDENT_W = 8192  # ... most elements of a hidden step's W1 / W2 tile (16 KB fp16 each, per pipeline stage)
 
 @triton.jit
 def _hidden(w1_ptr, sw1h, sw1c, b1_ptr, x_ptr, sxb, sxc, sxt, b, hr, hm, t, tm, D, ACC: tl.constexpr,
@@ -62,22 +71,35 @@ def _hidden(w1_ptr, sw1h, sw1c, b1_ptr, x_ptr, sxb, sxc, sxt, b, hr, hm, t, tm, 
 
 @triton.jit
 def _fused_fwd_kernel(x_ptr, sxb, sxc, sxt, w1_ptr, sw1h, sw1c, b1_ptr, w2_ptr, sw2c, sw2h, b2_ptr,
-                      y_ptr, syb, syc, syt, D, HD, N, n_tblk,
+                      y_ptr, syb, syc, syt, D, HD, N, BN,
                       ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
-    # y[c, t] = x + W2[c] relu(W1 x + b1) + b2 for BLOCK_D channels c x BLOCK_T tokens, over hidden blocks
-    bt = tl.program_id(0)
-    b = bt // n_tblk
-    t = (bt % n_tblk) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tm = t < N
+                      BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, X_RESIDENT: tl.constexpr):
+    # y[c, t] = x + W2[c] relu(W1 x + b1) + b2 for BLOCK_D channels c x BLOCK_T tokens, over hidden blocks.
+    # Tokens are (sample, token) pairs of the flattened index: a tile spans samples where N is short (S4's last
+    # stage has 16 tokens a sample), so the weights are read once per BLOCK_T tokens, not per sample.
+    # X_RESIDENT: BLOCK_K covers all D channels and the x tile is loaded once, before the hidden loop
+    ft = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = ft < BN
+    b = ft // N
+    t = ft % N
     c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cm = c < D
     acc = tl.zeros([BLOCK_D, BLOCK_T], ACC)
+    if X_RESIDENT:  # x[:, t] read once; each hidden block's first GEMM then takes all D channels in one dot
+        k = tl.arange(0, BLOCK_K)
+        km = k < D
+        xs = tl.load(_ptrs(x_ptr, b, sxb, k, sxc, t, sxt), mask=km[:, None] & tm[None, :], other=0.0).to(DOT)
     for h0 in range(0, HD, BLOCK_H):
         hr = h0 + tl.arange(0, BLOCK_H)
         hm = hr < HD
-        h = _relu(_hidden(w1_ptr, sw1h, sw1c, b1_ptr, x_ptr, sxb, sxc, sxt, b, hr, hm, t, tm, D, ACC, DOT, BLOCK_H,
-                          BLOCK_K, BLOCK_T))
+        if X_RESIDENT:
+            w1 = tl.load(w1_ptr + hr[:, None] * sw1h + k[None, :] * sw1c, mask=hm[:, None] & km[None, :], other=0.0)
+            z = _mm(w1.to(DOT), xs, tl.zeros([BLOCK_H, BLOCK_T], ACC), ACC)
+            z += tl.load(b1_ptr + hr, mask=hm, other=0.0).to(ACC)[:, None]
+        else:
+            z = _hidden(w1_ptr, sw1h, sw1c, b1_ptr, x_ptr, sxb, sxc, sxt, b, hr, hm, t, tm, D, ACC, DOT, BLOCK_H,
+                        BLOCK_K, BLOCK_T)
+        h = _relu(z)
         w2 = tl.load(w2_ptr + c[:, None] * sw2c + hr[None, :] * sw2h, mask=cm[:, None] & hm[None, :], other=0.0)
         acc = _mm(w2.to(DOT), h.to(DOT), acc, ACC)
     mask = cm[:, None] & tm[None, :]
@@ -121,31 +143,57 @@ def _fused_bwd_kernel(x_ptr, sxb, sxc, sxt, gy_ptr, sgb, sgc, sgt, w1_ptr, sw1h,
 
 # ---- host side -------------------------------------------------------------------------------------------
 
-def _fused_blocks(dm: _Dims) -> tuple[int, int, int, int]:
-    """(BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_T) of the fused eval kernels: the [BLOCK_D, BLOCK_T] fp32 accumulator at
-    most _FUSED_ACC elements (halved, and the hidden / K steps too, for GPU fp32/fp64: FMA dots hold operands in
-    registers)."""
+def _fused_blocks(dm: _Dims, tokens: int) -> tuple[int, int, int, int]:
+    """(BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_T) of the fused eval kernels over tiles of `tokens` tokens: the [BLOCK_D,
+    BLOCK_T] fp32 accumulator at most _FUSED_ACC elements (halved, and the hidden / K steps too, for GPU fp32/fp64:
+    FMA dots hold operands in registers)."""
     shrink = 2 if dm.fma else 1
     block_d = min(_p2(dm.D), FUSED_ROWS // shrink)
-    block_t = max(16, min(_BLOCK_T, _p2(dm.N), _FUSED_ACC // shrink // block_d))
+    block_t = max(16, min(_BLOCK_T, _p2(tokens), _FUSED_ACC // shrink // block_d))
     block_h = max(16, min(FUSED_HIDDEN // shrink, _p2(dm.HD)))
     block_k = max(16, min(FUSED_K // shrink, _p2(dm.D)))
     return block_d, block_h, block_k, block_t
 
 
-def _fused_grid(dm: _Dims) -> tuple[tuple[int, int], dict]:
-    block_d, block_h, block_k, block_t = _fused_blocks(dm)
+def _resident_blocks(dm: _Dims) -> tuple[int, int, int, int] | None:
+    """(BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_T) of the forward with x's [D, BLOCK_T] tile on chip for the whole hidden
+    loop, or None (GPU fp32/fp64, whose FMA dots hold operands in registers; or D too wide for a 16-token tile).
+    Every program streams all of W1 and W2 (from L2), so the tile is as long as RESIDENT_X and _RESIDENT_TOKENS
+    allow while the grid still gives each SM a program (on a GPU; one program is enough for the interpreter): at S4
+    stage 1 and batch 256, 128 tokens, where the K-step path takes 32 and reads x once per hidden block."""
+    k = max(16, _p2(dm.D))
+    tokens = dm.B * dm.N
+    fill = 1 << max(0, (tokens // (_GPU_PROGRAMS // 2 if dm.gpu else 1)).bit_length() - 1)  # power of two, floor
+    block_t = min(_RESIDENT_TOKENS, RESIDENT_X // k, _p2(tokens), max(32, fill))
+    if dm.fma or block_t < 16:
+        return None
+    block_d = min(k, _RESIDENT_ACC // block_t)
+    block_h = max(16, min(FUSED_HIDDEN, _p2(dm.HD), _RESIDENT_W // k))
+    return block_d, block_h, k, block_t
+
+
+def _fused_grid(dm: _Dims, forward: bool = False) -> tuple[tuple[int, int], tuple, dict]:
+    """Grid, size arguments and meta of the fused eval kernels. The forward tiles the flattened tokens (a tile may
+    span samples) and keeps x's tile on chip where _resident_blocks allows; the backward tiles each sample."""
+    blocks = _resident_blocks(dm) if forward else None
+    block_d, block_h, block_k, block_t = blocks or _fused_blocks(dm, dm.B * dm.N if forward else dm.N)
+    acc = block_d * block_t
+    # resident: at most 64 accumulator registers a thread (16 warps at S4 stage 1); K steps: at most 32
+    warps = min(16, max(4, acc // 2048)) if blocks else 8 if acc >= 4096 else 4
+    meta = dict(BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_T=block_t, num_warps=warps, **dm.meta)
+    n_dblk = triton.cdiv(dm.D, block_d)
+    if forward:
+        meta["X_RESIDENT"] = blocks is not None
+        return (triton.cdiv(dm.B * dm.N, block_t), n_dblk), (dm.D, dm.HD, dm.N, dm.B * dm.N), meta
     n_tblk = triton.cdiv(dm.N, block_t)
-    meta = dict(BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_T=block_t,
-                num_warps=8 if block_d * block_t >= 4096 else 4, **dm.meta)
-    return (dm.B * n_tblk, triton.cdiv(dm.D, block_d)), (dm.D, dm.HD, dm.N, n_tblk), meta
+    return (dm.B * n_tblk, n_dblk), (dm.D, dm.HD, dm.N, n_tblk), meta
 
 
 def fwd(x, w1, b1, w2, b2):
     dm = _Dims(x, w1.shape[0])
     x = _dense(x, dm.fmt)
     y = dm.like(x, dm.D)
-    grid, sizes, meta = _fused_grid(dm)
+    grid, sizes, meta = _fused_grid(dm, forward=True)
     _fused_fwd_kernel[grid](x, *_st(x), w1, *w1.stride(), b1, w2, *w2.stride(), b2, y, *_st(y), *sizes, **meta)
     return y
 
