@@ -88,3 +88,24 @@ def test_ffn_triton_opcheck(channels_last):
         torch.library.opcheck(torch.ops.shvit.ffn.default, (x, *ev))
         torch.library.opcheck(torch.ops.shvit.ffn_backward.default, (torch.randn_like(x), x, *ev))
         torch.library.opcheck(torch.ops.shvit.ffn_train.default, (x, w1, g1, c1, 1e-5, w2, g2, c2, 1e-5))
+
+
+# (shape, the resident forward's token tile): enough tokens (B*N >= 132 * T) for the long tiles the GPU launch picks:
+# 128 tokens and 16 warps at S4 stage 1, one 512-row block at stage 2, 16-token samples sharing a tile at stage 3
+LONG_TILES = [((72, 224, 16, 16, 448), 128), ((136, 336, 8, 8, 672), 64), ((260, 448, 4, 4, 896), 32)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape, block_t", LONG_TILES, ids=[str(s) for s, _ in LONG_TILES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_ffn_triton_resident_forward(dtype, shape, block_t, channels_last):
+    """The eval forward's x-resident kernel at the tile lengths of S4's stages, against stock and the oracle."""
+    from shvit_kernels.triton import ffn as T
+
+    x, w1, b1, w2, b2 = _inputs(shape, dtype, channels_last, False)
+    assert T._resident_blocks(T._Dims(x, shape[4]))[3] == block_t
+    with sk.use_backend("triton"):
+        y = ops.ffn(x, w1, b1, w2, b2)
+    ys = _stock_eval(x, w1, b1.to(dtype), w2, b2.to(dtype))
+    yo = _stock_eval(*(t.double() for t in (x, w1, b1, w2, b2)))
+    _close("y", y, ys, yo)
