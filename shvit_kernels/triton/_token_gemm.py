@@ -17,6 +17,10 @@ from ._common import (_BLOCK_K, _BLOCK_R, _BN, _EW_TILE, _GEMM_WARPS, _GPU_PROGR
                       _p2, _relu, _rstd, _Shape, _split_k, _store_wgrad, _sum, _welford_partial)
 
 INTERP_WGRAD_PROGRAMS = 1  # weight-grad programs wanted under the interpreter (tests raise it: multi-split path)
+# Kernels with x resident (_x_tile: the eval FFN forward, the eval pw_conv_bn)
+RESIDENT_X = 32768  # most x elements kept on chip for the whole program (64 KB fp16); 0: never
+RESIDENT_TOKENS = 128  # most tokens per program
+RESIDENT_W = 16384  # most elements of a weight tile per step (32 KB fp16, per pipeline stage)
 
 
 # ---- device helpers ----------------------------------------------------------------------------------------
@@ -73,6 +77,36 @@ def _gemm(w_ptr, swr, swk, r, rm, a_ptr, sab, sak, sat, z_ptr, szb, szk, szt, me
     return acc
 
 
+@triton.jit
+def _flat_tokens(BN, N, BLOCK_T: tl.constexpr):
+    # (sample, token, mask) of this program's BLOCK_T tokens of the flattened B*N index: a tile may span samples
+    ft = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    return ft // N, ft % N, ft < BN
+
+
+@triton.jit
+def _x_tile(x_ptr, sxb, sxc, sxt, g_ptr, sgb, sgc, b, t, tm, K, GATE: tl.constexpr, ACC: tl.constexpr,
+            DOT: tl.constexpr, BLOCK_K: tl.constexpr):
+    # x's whole [BLOCK_K >= K, tokens] tile in DOT (rows past K zero), once per program: the resident operand of
+    # _row_block. GATE: times gate[b, k] of each token's sample, in ACC and then rounded, as PRO 3 does
+    k = tl.arange(0, BLOCK_K)
+    mask = (k < K)[:, None] & tm[None, :]
+    a = tl.load(_ptrs(x_ptr, b, sxb, k, sxc, t, sxt), mask=mask, other=0.0)
+    if GATE:
+        gate = tl.load(g_ptr + (tl.cast(b, tl.int64) * sgb)[None, :] + (k * sgc)[:, None], mask=mask, other=0.0)
+        a = a.to(ACC) * gate.to(ACC)
+    return a.to(DOT)
+
+
+@triton.jit
+def _row_block(w_ptr, swr, swk, r, rm, xs, K, ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_R: tl.constexpr,
+               BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+    # W[r, :K] @ xs ([BLOCK_R, BLOCK_T] in ACC): one dot over all K, xs from _x_tile
+    k = tl.arange(0, BLOCK_K)
+    w = tl.load(w_ptr + r[:, None] * swr + k[None, :] * swk, mask=rm[:, None] & (k < K)[None, :], other=0.0)
+    return _mm(w.to(DOT), xs, tl.zeros([BLOCK_R, BLOCK_T], ACC), ACC)
+
+
 # ---- kernels ----------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -121,6 +155,25 @@ def _gemm_kernel(w_ptr, swr, swk, a_ptr, sab, sak, sat, az_ptr, szb, szk, szt, a
         tl.store(part_ptr + _at(bt, R, r), tl.sum(acc * x, axis=1), mask=rm)
         acc *= tl.load(e_w + _at(b, R, r), mask=rm, other=0.0).to(ACC)[:, None]
     tl.store(_ptrs(o_ptr, b, sob, r, sor, t, sot), acc.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _resident_kernel(w_ptr, swr, swk, bias_ptr, x_ptr, sxb, sxc, sxt, g_ptr, sgb, sgc, y_ptr, syb, syc, syt,
+                     R, K, N, BN,
+                     GATE: tl.constexpr, RELU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+    # y[r, t] = [relu](W[r] (gate * x)[:, t] + bias[r]) for all R rows of one tile of flattened tokens: x's tile is
+    # read once and W streamed once per tile (the eval pw_conv_bn; _gemm_kernel re-reads x for every row block)
+    b, t, tm = _flat_tokens(BN, N, BLOCK_T)
+    xs = _x_tile(x_ptr, sxb, sxc, sxt, g_ptr, sgb, sgc, b, t, tm, K, GATE, ACC, DOT, BLOCK_K)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        rm = r < R
+        y = _row_block(w_ptr, swr, swk, r, rm, xs, K, ACC, DOT, BLOCK_R, BLOCK_K, BLOCK_T)
+        y += tl.load(bias_ptr + r, mask=rm, other=0.0).to(ACC)[:, None]
+        if RELU:
+            y = _relu(y)
+        tl.store(_ptrs(y_ptr, b, syb, r, syc, t, syt), y.to(y_ptr.dtype.element_ty), mask=rm[:, None] & tm[None, :])
 
 
 @triton.jit
@@ -226,6 +279,43 @@ class _Dims(_Shape):
         block_t = min(_p2(self.N), _EW_TILE // block_c)
         return block_c, block_t, triton.cdiv(self.N, block_t)
 
+
+
+def _resident_tokens(dm: _Dims, K: int) -> tuple[int, int] | None:
+    """(BLOCK_K, BLOCK_T) of a kernel that keeps x's whole [K, BLOCK_T] tile on chip (_x_tile) and streams its
+    weights once per tile of flattened tokens, or None: GPU fp32 / fp64 (FMA dots hold operands in registers), or K
+    too wide for a 16-token tile. Each program streams all the weights, so the tile is as long as RESIDENT_X and
+    RESIDENT_TOKENS allow while the grid still gives every SM a program (on a GPU; the interpreter wants one)."""
+    k = max(16, _p2(K))
+    tokens = dm.B * dm.N
+    fill = 1 << max(0, (tokens // (_GPU_PROGRAMS // 2 if dm.gpu else 1)).bit_length() - 1)  # power of two, floor
+    block_t = min(RESIDENT_TOKENS, RESIDENT_X // k, _p2(tokens), max(32, fill))
+    return None if dm.fma or block_t < 16 else (k, block_t)
+
+
+def _resident_gemm(dm: _Dims, K: int, R: int) -> tuple[int, int, int] | None:
+    """(BLOCK_K, BLOCK_T, BLOCK_R) of _resident_kernel for an R x K weight, or None. On a GPU only where it beats
+    _gemm_kernel's 64 x 64 tiles: tiles of at least 64 tokens (shorter ones stream W more often, and a batch that
+    small wants _gemm_kernel's many programs) and row blocks of at least 32 (K up to 512 at the defaults)."""
+    tiles = _resident_tokens(dm, K)
+    if tiles is None:
+        return None
+    k, block_t = tiles
+    block_r = min(_p2(R), RESIDENT_W // k)
+    if dm.gpu and (block_t < 64 or block_r < min(32, _p2(R))):
+        return None
+    return k, block_t, block_r
+
+
+def _resident_launch(dm: _Dims, w: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None,
+                     relu: bool, y: torch.Tensor, tiles: tuple[int, int, int]) -> None:
+    """y = [relu](W (gate * x) + bias) through _resident_kernel; tiles from _resident_gemm."""
+    k, block_t, block_r = tiles
+    g = (gate, gate.stride(0), gate.stride(1)) if gate is not None else (x, 0, 0)
+    _resident_kernel[(triton.cdiv(dm.B * dm.N, block_t),)](
+        w, *w.stride(), bias, x, *_st(x), *g, y, *_st(y), dm.HD, dm.C, dm.N, dm.B * dm.N, GATE=gate is not None,
+        RELU=relu, BLOCK_R=block_r, BLOCK_K=k, BLOCK_T=block_t, num_warps=8,  # 8: a gated x tile passes registers
+        **dm.meta)
 
 
 def _dense(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:

@@ -44,19 +44,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _BLOCK_T, _BN, _GPU_PROGRAMS, _cast, _mm, _p2, _relu, _sum, _welford
-from ._token_gemm import (_Dims, _bn_apply, _bn_operand, _bn_sums, _dense, _gemm, _gemm_launch, _no_bn, _ptrs,
-                          _st, _t, _wgrad)
+from ._common import _BLOCK_T, _BN, _cast, _mm, _p2, _relu, _sum, _welford
+from ._token_gemm import (RESIDENT_W, _Dims, _bn_apply, _bn_operand, _bn_sums, _dense, _flat_tokens, _gemm,
+                          _gemm_launch, _no_bn, _ptrs, _resident_tokens, _row_block, _st, _t, _wgrad, _x_tile)
 
 # Fused eval kernels' tiles; module-level so that tests can shrink them to reach the multi-block paths.
 FUSED_ROWS = 256  # most output channels per program (a [FUSED_ROWS, tokens] fp32 accumulator in registers)
 FUSED_HIDDEN = 32  # hidden rows per step
 FUSED_K = 64  # channels per step of the first GEMM (W1[hb] x)
 _FUSED_ACC = 8192  # accumulator elements per program: 32 fp32 registers a thread at 8 warps
-RESIDENT_X = 32768  # forward: most x elements kept in shared memory over the hidden loop (64 KB fp16); 0: never
-_RESIDENT_ACC = 32768  # ... its accumulator elements per program (64 fp32 registers a thread at 16 warps)
-_RESIDENT_TOKENS = 128  # ... and most tokens per program
-_RESIDENT_W = 8192  # ... most elements of a hidden step's W1 / W2 tile (16 KB fp16 each, per pipeline stage)
+_RESIDENT_ACC = 32768  # forward with x resident: accumulator elements per program (64 fp32 registers a thread at 16 warps)
 
 @triton.jit
 def _hidden(w1_ptr, sw1h, sw1c, b1_ptr, x_ptr, sxb, sxc, sxt, b, hr, hm, t, tm, D, ACC: tl.constexpr,
@@ -78,23 +75,17 @@ def _fused_fwd_kernel(x_ptr, sxb, sxc, sxt, w1_ptr, sw1h, sw1c, b1_ptr, w2_ptr, 
     # Tokens are (sample, token) pairs of the flattened index: a tile spans samples where N is short (S4's last
     # stage has 16 tokens a sample), so the weights are read once per BLOCK_T tokens, not per sample.
     # X_RESIDENT: BLOCK_K covers all D channels and the x tile is loaded once, before the hidden loop
-    ft = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tm = ft < BN
-    b = ft // N
-    t = ft % N
+    b, t, tm = _flat_tokens(BN, N, BLOCK_T)
     c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cm = c < D
     acc = tl.zeros([BLOCK_D, BLOCK_T], ACC)
     if X_RESIDENT:  # x[:, t] read once; each hidden block's first GEMM then takes all D channels in one dot
-        k = tl.arange(0, BLOCK_K)
-        km = k < D
-        xs = tl.load(_ptrs(x_ptr, b, sxb, k, sxc, t, sxt), mask=km[:, None] & tm[None, :], other=0.0).to(DOT)
+        xs = _x_tile(x_ptr, sxb, sxc, sxt, x_ptr, 0, 0, b, t, tm, D, False, ACC, DOT, BLOCK_K)
     for h0 in range(0, HD, BLOCK_H):
         hr = h0 + tl.arange(0, BLOCK_H)
         hm = hr < HD
         if X_RESIDENT:
-            w1 = tl.load(w1_ptr + hr[:, None] * sw1h + k[None, :] * sw1c, mask=hm[:, None] & km[None, :], other=0.0)
-            z = _mm(w1.to(DOT), xs, tl.zeros([BLOCK_H, BLOCK_T], ACC), ACC)
+            z = _row_block(w1_ptr, sw1h, sw1c, hr, hm, xs, D, ACC, DOT, BLOCK_H, BLOCK_K, BLOCK_T)
             z += tl.load(b1_ptr + hr, mask=hm, other=0.0).to(ACC)[:, None]
         else:
             z = _hidden(w1_ptr, sw1h, sw1c, b1_ptr, x_ptr, sxb, sxc, sxt, b, hr, hm, t, tm, D, ACC, DOT, BLOCK_H,
@@ -157,19 +148,14 @@ def _fused_blocks(dm: _Dims, tokens: int) -> tuple[int, int, int, int]:
 
 def _resident_blocks(dm: _Dims) -> tuple[int, int, int, int] | None:
     """(BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_T) of the forward with x's [D, BLOCK_T] tile on chip for the whole hidden
-    loop, or None (GPU fp32/fp64, whose FMA dots hold operands in registers; or D too wide for a 16-token tile).
-    Every program streams all of W1 and W2 (from L2), so the tile is as long as RESIDENT_X and _RESIDENT_TOKENS
-    allow while the grid still gives each SM a program (on a GPU; one program is enough for the interpreter): at S4
+    loop (_token_gemm._resident_tokens: the tile length, or None), the W1 and W2 steps sharing RESIDENT_W: at S4
     stage 1 and batch 256, 128 tokens, where the K-step path takes 32 and reads x once per hidden block."""
-    k = max(16, _p2(dm.D))
-    tokens = dm.B * dm.N
-    fill = 1 << max(0, (tokens // (_GPU_PROGRAMS // 2 if dm.gpu else 1)).bit_length() - 1)  # power of two, floor
-    block_t = min(_RESIDENT_TOKENS, RESIDENT_X // k, _p2(tokens), max(32, fill))
-    if dm.fma or block_t < 16:
+    tiles = _resident_tokens(dm, dm.D)
+    if tiles is None:
         return None
-    block_d = min(k, _RESIDENT_ACC // block_t)
-    block_h = max(16, min(FUSED_HIDDEN, _p2(dm.HD), _RESIDENT_W // k))
-    return block_d, block_h, k, block_t
+    k, block_t = tiles
+    block_h = max(16, min(FUSED_HIDDEN, _p2(dm.HD), RESIDENT_W // 2 // k))
+    return min(k, _RESIDENT_ACC // block_t), block_h, k, block_t
 
 
 def _fused_grid(dm: _Dims, forward: bool = False) -> tuple[tuple[int, int], tuple, dict]:

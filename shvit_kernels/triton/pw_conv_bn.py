@@ -4,7 +4,11 @@ on the shared token GEMMs of _token_gemm.py. K input channels, O output channels
 grad_x keep x's layout (NCHW or channels_last, no copy); z is saved channels_last. The gate is applied in the GEMM
 operand loads (PRO 3), so the gated activation is never written, forward or backward.
 
-Eval forward (1 launch): _gemm_kernel PRO 3 (gate) EPI 4 / 5: y = [relu](W (gate * x) + b); read x, write y.
+Eval forward (1 launch): y = [relu](W (gate * x) + b); read x, write y. _resident_kernel where _resident_gemm takes
+  it (fp16 / bf16 on a GPU with K <= 512 and at least 64 tokens a tile; always under the interpreter): a program
+  holds the (gated) x tile of up to 128 flattened tokens and streams all of W once, row block by row block
+  (PatchMerging's conv1 at S4 stage 1, batch 256: W read 512 times instead of 1024, x once instead of once per 64
+  output rows: 411 -> 117 M elements from L2). Otherwise _gemm_kernel PRO 3 (gate) EPI 4 / 5.
 Eval backward (2 launches + sums): _gemm_kernel (W^T) PRO 4 (grad_y masked by y > 0) EPI 6: grad_x = gate * gv and
   the gate's gradient sum_t gv * x per token tile; _wgrad_kernel: grad W = sum a (gate * x)^T with the bias grad.
 Training forward (2 launches + Welford merge): _gemm_kernel EPI 0: z and its Welford partials; _bn_apply_kernel:
@@ -17,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from ._common import _BN, _cast, _welford
-from ._token_gemm import (_Dims, _bn_apply, _bn_operand, _bn_sums, _dense, _gate_operand, _gemm_launch, _no_bn, _st,
-                          _t, _wgrad)
+from ._token_gemm import (_Dims, _bn_apply, _bn_operand, _bn_sums, _dense, _gate_operand, _gemm_launch, _no_bn,
+                          _resident_gemm, _resident_launch, _st, _t, _wgrad)
 
 
 def _gate(gate: torch.Tensor | None) -> torch.Tensor | None:
@@ -42,6 +46,10 @@ def fwd(x, w, b, gate, relu):
     dm = _Dims(x, w.shape[0])
     x, gate = _dense(x, dm.fmt), _gate(gate)
     y = dm.like(x, dm.HD)
+    tiles = _resident_gemm(dm, dm.C, dm.HD)
+    if tiles is not None:
+        _resident_launch(dm, w, b, x, gate, relu, y, tiles)
+        return y
     pro, a_args = _gate_operand(x, gate)
     _gemm_launch(dm, (w, *w.stride()), dm.HD, dm.C, x, pro, a_args, y, 5 if relu else 4, bias=b)
     return y

@@ -94,19 +94,10 @@ SHAPES = [(4, 20, 40, 1, 1), (2, 20, 37, 3, 5), (1, 36, 72, 7, 9), (3, 12, 24, 2
 _ids = ["x".join(map(str, s)) for s in SHAPES]
 
 
-@pytest.fixture(params=["resident", "k-steps"])
-def fwd_path(request, monkeypatch):
-    """Both eval forward paths: x's tile on chip for the whole hidden loop (what fp16 / bf16 take on a GPU, and
-    everything under the interpreter), or re-read in K steps per hidden block (GPU fp32 / fp64, very wide D)."""
-    if request.param == "k-steps":
-        monkeypatch.setattr(T, "RESIDENT_X", 0)
-    return request.param
-
-
 @LAYOUTS
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-def test_eval(shape, dtype, channels_last, fwd_path):
+def test_eval(shape, dtype, channels_last, x_path):
     _run_eval(*_inputs(*shape, dtype, dtype, False, channels_last), dtype)
 
 
@@ -142,17 +133,17 @@ def small_tiles(monkeypatch):
         monkeypatch.setattr(TG, name, 16)
     for name in ("INTERP_WGRAD_PROGRAMS", "_GPU_PROGRAMS"):  # programs wanted under the interpreter / on a GPU
         monkeypatch.setattr(TG, name, 12)
-    monkeypatch.setattr(T, "_RESIDENT_TOKENS", 16)  # the resident forward: 2 row blocks, 3 token tiles of 16
+    monkeypatch.setattr(TG, "RESIDENT_TOKENS", 16)  # the resident forward: 2 row blocks, 3 token tiles of 16
     monkeypatch.setattr(T, "_RESIDENT_ACC", 256)
 
 
 @LAYOUTS
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_multiblock(small_tiles, train, channels_last, fwd_path):
+def test_multiblock(small_tiles, train, channels_last, x_path):
     b, d, h, hh, ww = 2, 20, 40, 3, 7
     dm = T._Dims(torch.empty(b, d, hh, ww, device=DEVICE), h)
     assert T._fused_blocks(dm, dm.N) == (16, 16, 16, 16) and dm.n_tblk == 2  # 2 row blocks, 3 hidden blocks, 2 K chunks
-    if fwd_path == "resident" and DEVICE == "cpu":  # 42 tokens in 3 tiles; the second holds tokens of both samples
+    if x_path == "resident" and DEVICE == "cpu":  # 42 tokens in 3 tiles; the second holds tokens of both samples
         assert T._resident_blocks(dm) == (16, 16, 32, 16)
     grid_rk = 3 * 2  # weight grads (h x d) in 16 x 16 blocks: 4 token tiles in 2 splits of 2
     assert _common._split_k(b * dm.n_tblk, grid_rk, TG.INTERP_WGRAD_PROGRAMS) == (2, 2)

@@ -70,7 +70,7 @@ CASES = pytest.mark.parametrize("train,gated,relu", [(False, True, False), (Fals
 
 @CASES
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_float64_matches_reference(train, gated, relu, channels_last):
+def test_float64_matches_reference(train, gated, relu, channels_last, x_path):
     _run(2, 7, 13, 5, 3, torch.float64, train, gated, relu, channels_last)
 
 
@@ -82,18 +82,37 @@ def small_tiles(monkeypatch):
     for name in ("_BLOCK_R", "_BLOCK_K"):
         monkeypatch.setattr(TG, name, 16)
     monkeypatch.setattr(TG, "INTERP_WGRAD_PROGRAMS", 12)
+    monkeypatch.setattr(TG, "RESIDENT_TOKENS", 16)  # the resident eval forward: 2 row blocks of 16, 3 token tiles
+    monkeypatch.setattr(TG, "RESIDENT_W", 1024)
 
 
 @CASES
-def test_multitile(small_tiles, train, gated, relu):
+def test_multitile(small_tiles, train, gated, relu, x_path):
     b, k, o, hh, ww = 2, 40, 20, 3, 7  # 3 K chunks, 2 row blocks (grad_x: 3), 2 token tiles per sample
     dm = TG._Dims(torch.empty(b, k, hh, ww, device=DEVICE), o)
     assert dm.block_t == 16 and dm.n_tblk == 2
+    if x_path == "resident" and DEVICE == "cpu":  # 42 tokens in tiles of 16: the second holds both samples' tokens
+        assert TG._resident_gemm(dm, k, o) == (64, 16, 16)
     _run(b, k, o, hh, ww, torch.float64, train, gated, relu, True)
 
 
+def test_resident_rule_on_a_gpu():
+    """Which eval forwards take _resident_kernel on a GPU (sizes only, no kernel runs): PatchMerging's conv1 at S4
+    stage 1 and batch 256 (128-token tiles, 64-row blocks); not conv3 (K 896: 32-token tiles would stream W more
+    often than _gemm_kernel), not a batch of 8 (tiles under 64 tokens), not fp32 (FMA dots)."""
+    def rule(b, k, hw, o, dtype=torch.float16):
+        dm = TG._Dims(torch.empty(b, k, hw, hw, dtype=dtype, device="meta"), o)
+        dm.gpu, dm.fma = True, dtype in (torch.float32, torch.float64)  # as _Shape sets them for a CUDA tensor
+        return TG._resident_gemm(dm, k, o)
+
+    assert rule(256, 224, 16, 896) == (256, 128, 64)
+    assert rule(256, 896, 8, 336) is None
+    assert rule(8, 224, 16, 896) is None
+    assert rule(256, 224, 16, 896, torch.float32) is None
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_float16(train):
+def test_float16(train, x_path):
     _run(2, 24, 40, 4, 4, torch.float16, train, True, True, False)
 
 
