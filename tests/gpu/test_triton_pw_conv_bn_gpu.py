@@ -72,3 +72,28 @@ def test_opcheck(channels_last):
         for relu in (False, True):
             torch.library.opcheck(torch.ops.shvit.pw_conv_bn.default, (x, weight, b, gate, relu))
             torch.library.opcheck(torch.ops.shvit.pw_conv_bn_train.default, (x, weight, *bn, 1e-5, gate, relu))
+
+
+# PatchMerging's conv1 at a batch that gives the eval forward its x-resident kernel on a GPU (tiles of >= 64 tokens)
+RESIDENT = [((72, 224, 16, 16, 896), (256, 128, 64)), ((136, 336, 8, 8, 1344), (512, 64, 32))]
+
+
+@pytest.mark.parametrize("gated,relu", [(True, False), (False, True)], ids=["gated", "relu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("shape, tiles", RESIDENT, ids=[str(s) for s, _ in RESIDENT])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_pw_conv_bn_resident_forward(dtype, shape, tiles, channels_last, gated, relu):
+    """The eval forward's _resident_kernel (asserted to be the one taken) against stock and the float64 oracle."""
+    from shvit_kernels.triton import _token_gemm as TG
+
+    x, weight, vectors, gate = _inputs(shape, dtype, channels_last, False, gated)
+    assert TG._resident_gemm(TG._Dims(x, shape[4]), shape[1], shape[4]) == tiles
+    with sk.use_backend("triton"):
+        y = _fused(x, weight, vectors, gate, relu, False)[0]
+
+    def stock(dt):  # every input in dt, as a stock model in that dtype holds it
+        return _stock(x.to(dt), weight.to(dt), [v.to(dt) for v in vectors], None if gate is None else gate.to(dt),
+                      relu, False)[0]
+
+    ys, yo = stock(dtype), stock(torch.float64)
+    _close("y", y, ys, yo)
