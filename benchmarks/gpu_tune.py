@@ -34,7 +34,7 @@ KNOBS: dict[str, dict[str, list[int]]] = {
     "pw_conv_bn": {"_BLOCK_R": [64, 128], "_BLOCK_K": [32, 64], "_GEMM_WARPS": [4, 8]},
     "ffn": {"_FUSED_ACC": [4096, 8192, 16384], "_BLOCK_T": [32, 64, 128], "_GEMM_WARPS": [4, 8]},
     "ffn eval fwd": {"RESIDENT_X": [0, 32768], "RESIDENT_TOKENS": [32, 64, 128], "FUSED_HIDDEN": [16, 32]},
-    "pw_conv_bn eval fwd": {"RESIDENT_X": [0, 32768], "RESIDENT_TOKENS": [32, 64, 128], "RESIDENT_W": [8192, 16384]},
+    "pw_conv_bn eval fwd": {"RESIDENT_X": [0, 32768], "RESIDENT_TOKENS": [64, 128], "RESIDENT_W": [8192, 16384]},
     "shsa": {"_ATTN_TILE": [4096, 8192, 16384], "_BLOCK_R": [32, 64, 128], "_GEMM_WARPS": [4, 8]},
     "shsa eval fwd": {"_EVAL_BLOCK_V": [16, 32, 64], "_EVAL_BLOCK_C": [32, 64, 128], "_GEMM_WARPS": [4, 8]},
     "sra": {"_ATTN_TILE": [8192, 16384, 32768], "_LN_TILE": [4096, 8192], "_GEMM_WARPS": [4, 8]},

@@ -21,6 +21,7 @@ INTERP_WGRAD_PROGRAMS = 1  # weight-grad programs wanted under the interpreter (
 RESIDENT_X = 32768  # most x elements kept on chip for the whole program (64 KB fp16); 0: never
 RESIDENT_TOKENS = 128  # most tokens per program
 RESIDENT_W = 16384  # most elements of a weight tile per step (32 KB fp16, per pipeline stage)
+_RESIDENT_ACC = 16384  # _resident_kernel's accumulator elements (64 fp32 registers a thread at its 8 warps)
 
 
 # ---- device helpers ----------------------------------------------------------------------------------------
@@ -51,7 +52,7 @@ def _operand(p, sb, sr, st, z, szb, szr, szt, mean_ptr, var_ptr, bnw_ptr, bnb_pt
             scale, shift = _bn_coef(mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps, r, rm, True, ACC)
             a = tl.where(zt * scale[:, None] + shift[:, None] > 0, a, 0.0)
         a = _bn_grad(a, zt, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps, count, r, rm, mask, R, ACC)
-    elif PRO == 3:
+    elif PRO == 3:  # b is one sample here (per-sample token tiles): _x_tile gates tiles that span samples
         gate = tl.load(z + tl.cast(b, tl.int64) * szb + r * szr, mask=rm, other=0.0).to(ACC)
         a = a * gate[:, None]
     elif PRO == 4:
@@ -285,8 +286,8 @@ def _resident_tokens(dm: _Dims, K: int) -> tuple[int, int] | None:
     """(BLOCK_K, BLOCK_T) of a kernel that keeps x's whole [K, BLOCK_T] tile on chip (_x_tile) and streams its
     weights once per tile of flattened tokens, or None: GPU fp32 / fp64 (FMA dots hold operands in registers), or K
     too wide for a 16-token tile. Each program streams all the weights, so the tile is as long as RESIDENT_X and
-    RESIDENT_TOKENS allow while the grid still gives every SM a program (on a GPU; the interpreter wants one)."""
-    k = max(16, _p2(K))
+    RESIDENT_TOKENS allow while the grid still gives every SM a program (on a GPU; the interpreter wants few)."""
+    k = _p2(K)
     tokens = dm.B * dm.N
     fill = 1 << max(0, (tokens // (_GPU_PROGRAMS // 2 if dm.gpu else 1)).bit_length() - 1)  # power of two, floor
     block_t = min(RESIDENT_TOKENS, RESIDENT_X // k, _p2(tokens), max(32, fill))
@@ -294,15 +295,16 @@ def _resident_tokens(dm: _Dims, K: int) -> tuple[int, int] | None:
 
 
 def _resident_gemm(dm: _Dims, K: int, R: int) -> tuple[int, int, int] | None:
-    """(BLOCK_K, BLOCK_T, BLOCK_R) of _resident_kernel for an R x K weight, or None. On a GPU only where it beats
-    _gemm_kernel's 64 x 64 tiles: tiles of at least 64 tokens (shorter ones stream W more often, and a batch that
-    small wants _gemm_kernel's many programs) and row blocks of at least 32 (K up to 512 at the defaults)."""
+    """(BLOCK_K, BLOCK_T, BLOCK_R) of _resident_kernel for an R x K weight, or None: row blocks within RESIDENT_W
+    and _RESIDENT_ACC, at least 16 (the smallest dot). On a GPU only where it beats _gemm_kernel's 64 x 64 tiles:
+    tiles of at least 64 tokens (shorter ones stream W more often, and a batch that small wants _gemm_kernel's
+    many programs) and row blocks of at least min(32, p2(R)) (K up to 512 at the defaults)."""
     tiles = _resident_tokens(dm, K)
     if tiles is None:
         return None
     k, block_t = tiles
-    block_r = min(_p2(R), RESIDENT_W // k)
-    if dm.gpu and (block_t < 64 or block_r < min(32, _p2(R))):
+    block_r = min(_p2(R), RESIDENT_W // k, _RESIDENT_ACC // block_t)
+    if block_r < 16 or dm.gpu and (block_t < 64 or block_r < min(32, _p2(R))):
         return None
     return k, block_t, block_r
 

@@ -11,7 +11,7 @@ Eval forward (1 launch, 1 pass): _fused_fwd_kernel, grid (token tiles of the fla
   Per tile of BLOCK_T tokens (which may span samples), a loop over hidden blocks: z = W1[hb] x + b1, relu,
   acc += W2[:, hb] relu(z). The hidden activation exists only as one [BLOCK_H, BLOCK_T] register tile and the
   [d rows, BLOCK_T] accumulator stays in registers; read x, write y. Every program streams all of W1 and W2 from
-  L2, which bounds the kernel (S4 stage 1, batch 256: 448 KB per program), so the tile is made long: with x
+  L2, which bounds the kernel (S4 stage 1, batch 256: 401 KB per program), so the tile is made long: with x
   resident (fp16 / bf16 on a GPU; _resident_blocks) x's whole [d, BLOCK_T] tile is loaded once and each hidden
   block's first GEMM is one dot over all d channels, which lets BLOCK_T reach 128 (W1 + W2 streamed 512 times at
   that shape instead of 2048, and x read once instead of once per hidden block). Otherwise (FMA dots: GPU fp32 /
@@ -53,7 +53,7 @@ FUSED_ROWS = 256  # most output channels per program (a [FUSED_ROWS, tokens] fp3
 FUSED_HIDDEN = 32  # hidden rows per step
 FUSED_K = 64  # channels per step of the first GEMM (W1[hb] x)
 _FUSED_ACC = 8192  # accumulator elements per program: 32 fp32 registers a thread at 8 warps
-_RESIDENT_ACC = 32768  # forward with x resident: accumulator elements per program (64 fp32 registers a thread at 16 warps)
+_FWD_ACC = 32768  # forward with x resident: accumulator elements per program (64 fp32 registers a thread at 16 warps)
 
 @triton.jit
 def _hidden(w1_ptr, sw1h, sw1c, b1_ptr, x_ptr, sxb, sxc, sxt, b, hr, hm, t, tm, D, ACC: tl.constexpr,
@@ -149,13 +149,15 @@ def _fused_blocks(dm: _Dims, tokens: int) -> tuple[int, int, int, int]:
 def _resident_blocks(dm: _Dims) -> tuple[int, int, int, int] | None:
     """(BLOCK_D, BLOCK_H, BLOCK_K, BLOCK_T) of the forward with x's [D, BLOCK_T] tile on chip for the whole hidden
     loop (_token_gemm._resident_tokens: the tile length, or None), the W1 and W2 steps sharing RESIDENT_W: at S4
-    stage 1 and batch 256, 128 tokens, where the K-step path takes 32 and reads x once per hidden block."""
+    stage 1 and batch 256, 128 tokens, where the K-step path takes 32 and reads x once per hidden block. None also
+    where a 16-row step of W1 and of W2 would not fit RESIDENT_W (d > 512 at the defaults: next to x's tile, their
+    pipeline stages would overflow an H100's shared memory)."""
     tiles = _resident_tokens(dm, dm.D)
-    if tiles is None:
+    if tiles is None or 16 * tiles[0] > RESIDENT_W // 2:
         return None
     k, block_t = tiles
-    block_h = max(16, min(FUSED_HIDDEN, _p2(dm.HD), RESIDENT_W // 2 // k))
-    return min(k, _RESIDENT_ACC // block_t), block_h, k, block_t
+    block_h = min(FUSED_HIDDEN, _p2(dm.HD), RESIDENT_W // 2 // k)
+    return min(k, _FWD_ACC // block_t), block_h, k, block_t
 
 
 def _fused_grid(dm: _Dims, forward: bool = False) -> tuple[tuple[int, int], tuple, dict]:

@@ -6,7 +6,7 @@ Devices and the interpreter: tests/triton/__init__.py.
 import pytest
 import torch
 
-from tests.triton import triton_device
+from tests.triton import gpu_dims, triton_device
 
 DEVICE = triton_device()
 
@@ -134,7 +134,7 @@ def small_tiles(monkeypatch):
     for name in ("INTERP_WGRAD_PROGRAMS", "_GPU_PROGRAMS"):  # programs wanted under the interpreter / on a GPU
         monkeypatch.setattr(TG, name, 12)
     monkeypatch.setattr(TG, "RESIDENT_TOKENS", 16)  # the resident forward: 2 row blocks, 3 token tiles of 16
-    monkeypatch.setattr(T, "_RESIDENT_ACC", 256)
+    monkeypatch.setattr(T, "_FWD_ACC", 256)
 
 
 @LAYOUTS
@@ -149,6 +149,19 @@ def test_multiblock(small_tiles, train, channels_last, x_path):
     assert _common._split_k(b * dm.n_tblk, grid_rk, TG.INTERP_WGRAD_PROGRAMS) == (2, 2)
     ours, refs = _inputs(b, d, h, hh, ww, torch.float64, torch.float64, train, channels_last)
     (_run_train if train else _run_eval)(ours, refs, torch.float64)
+
+
+def test_resident_rule_on_a_gpu():
+    """The eval forward's tiles on a GPU (sizes only, no kernel runs): x resident with 128-token tiles and 16 warps'
+    worth of accumulator at S4 stage 1 and batch 256, one 512-row block at stage 2; the K-step path for d > 512
+    (a 16-row W1 / W2 step would not fit beside x's tile) and for fp32 (FMA dots)."""
+    def rule(b, d, hw, dtype=torch.float16):
+        return T._resident_blocks(gpu_dims(b, d, hw, 2 * d, dtype))
+
+    assert rule(256, 224, 16) == (256, 32, 256, 128)
+    assert rule(256, 336, 8) == (512, 16, 512, 64)
+    assert rule(256, 640, 8) is None
+    assert rule(256, 224, 16, torch.float32) is None
 
 
 def test_eval_forward_keeps_the_hidden_on_chip():

@@ -8,7 +8,7 @@ Devices and the interpreter: tests/triton/__init__.py.
 import pytest
 import torch
 
-from tests.triton import triton_device
+from tests.triton import gpu_dims, triton_device
 
 DEVICE = triton_device()
 
@@ -99,16 +99,16 @@ def test_multitile(small_tiles, train, gated, relu, x_path):
 def test_resident_rule_on_a_gpu():
     """Which eval forwards take _resident_kernel on a GPU (sizes only, no kernel runs): PatchMerging's conv1 at S4
     stage 1 and batch 256 (128-token tiles, 64-row blocks); not conv3 (K 896: 32-token tiles would stream W more
-    often than _gemm_kernel), not a batch of 8 (tiles under 64 tokens), not fp32 (FMA dots)."""
+    often than _gemm_kernel), not a batch of 8 (tiles under 64 tokens), not fp32 (FMA dots); a narrow K with many
+    rows keeps its accumulator at 16384 elements (128 rows of 128 tokens, not 1024: 8 warps would spill)."""
     def rule(b, k, hw, o, dtype=torch.float16):
-        dm = TG._Dims(torch.empty(b, k, hw, hw, dtype=dtype, device="meta"), o)
-        dm.gpu, dm.fma = True, dtype in (torch.float32, torch.float64)  # as _Shape sets them for a CUDA tensor
-        return TG._resident_gemm(dm, k, o)
+        return TG._resident_gemm(gpu_dims(b, k, hw, o, dtype), k, o)
 
     assert rule(256, 224, 16, 896) == (256, 128, 64)
     assert rule(256, 896, 8, 336) is None
     assert rule(8, 224, 16, 896) is None
     assert rule(256, 224, 16, 896, torch.float32) is None
+    assert rule(256, 16, 16, 1024) == (16, 128, 128)
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
