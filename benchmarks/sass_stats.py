@@ -4,7 +4,8 @@
 
 The case is a label of tests/triton/sm90.py's `cases()` (e.g. "shsa 336/72 8x8 b256 float16 nchw"). Every launch it
 makes on a GPU is recorded (kernels replaced by recorders), compiled for sm_90 (Triton's CUDA backend, ptxas) and
-disassembled (cuobjdump). Per kernel: grid, registers, bytes of local memory (spills), static instruction count, and each loop's body (instructions,
+disassembled (cuobjdump). Per kernel: grid, registers, bytes of local memory (spills) and of shared memory, static
+instruction count (with its tensor-core HGMMA / HMMA instructions), and each loop's body (instructions,
 global loads, barriers): a loop runs once per image, key block or K step, so its body is what a thread issues per
 iteration. Instruction counts are not times: they locate index / mask overhead and barriers, a GPU run says what they
 cost.
@@ -41,7 +42,7 @@ def stats(launch: dict) -> dict:
             loops.append({"instructions": len(body), "LDG": sum(o.startswith("LDG") for o in body),
                           "BAR": sum(o.startswith("BAR") for o in body)})
     mix = collections.Counter(op.split(".")[0] for _, op, _ in ins)
-    return out | {"instructions": len(ins), "loops": loops, "mix": dict(mix.most_common(10))}
+    return out | {"instructions": len(ins), "loops": loops, "mix": dict(mix.most_common(10)), "all": dict(mix)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,8 +61,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{launch['kernel']}: failed to compile: {s['error'][-300:]}")
             continue
         loops = "; ".join(f"{lp['instructions']} instr, {lp['LDG']} LDG, {lp['BAR']} BAR" for lp in s["loops"])
+        mma = ", ".join(f"{s['all'][op]} {op}" for op in ("HGMMA", "HMMA") if s["all"].get(op))  # tensor cores
         print(f"{s['kernel']} grid {s['grid']} {s['options']}: {s['regs']} regs, {s['local']} B spilled, "
-              f"{s['instructions']} instructions; "
+              f"{s['shared']} B shared, {s['instructions']} instructions ({mma or 'no MMA'}); "
               f"loops: {loops or 'none'}\n    {s['mix']}")
 
 
