@@ -139,8 +139,11 @@ stage_profile() {
 }
 
 stage_tune() {
-  # Each op's Triton tile constants swept on the bench's cases, eval forward (benchmarks/gpu_tune.py).
+  # Each op's Triton tile constants swept on the bench's cases (benchmarks/gpu_tune.py): eval forward, and the token
+  # GEMMs' training tiles (flat against per-sample tiles) at the training target's batch.
   run_stage tune "$py" -m benchmarks.gpu_tune --device cuda --dtype float16 --batch 256 --markdown "$stem-tune.md"
+  run_stage tune-train "$py" -m benchmarks.gpu_tune --device cuda --dtype bfloat16 --batch 128 --ops ffn pw_conv_bn \
+    --mode "train fwd+bwd" --markdown "$stem-tune-train.md"
 }
 
 stage_pytest_bench() {

@@ -121,7 +121,7 @@ class Case:
 
 def cases(batch: int) -> list[Case]:
     """SHViT-S4 shapes of the issues, stage 1 (224 ch, 16x16 at 256 px: depthwise block and FFN 224 -> 448 -> 224),
-    the PatchMerging into stage 2 (its 1x1 convs on `pw_conv_bn`), the SHSA of stages 2 and 3 (336 ch, pdim 72, 8x8;
+    the FFN of stage 3 (448 ch, 4x4: 16 tokens a sample), the PatchMerging into stage 2 (its 1x1 convs on `pw_conv_bn`), the SHSA of stages 2 and 3 (336 ch, pdim 72, 8x8;
     448 ch, pdim 96, 4x4) and at detection size (336 ch, pdim 72, 42x25 tokens, always batch 8), and PVTv2-b2's
     stage 1 and 2 attention (56x56 tokens, 64 ch, one head, sr 8; 28x28 tokens, 128 ch, two heads, sr 4) against
     stock PVT and stock with SDPA ("sdpa" rows)."""
@@ -130,6 +130,8 @@ def cases(batch: int) -> list[Case]:
              lambda e: dwconv_bn_cost(batch, 224, 16, 16, 3, 1, e)),
         Case("ffn", f"{batch}x224x16x16 h448", lambda: Residual(FFN(224, 448)), (batch, 224, 16, 16),
              lambda e: ffn_cost(batch, 224, 448, 256, e)),
+        Case("ffn", f"{batch}x448x4x4 h896", lambda: Residual(FFN(448, 896)), (batch, 448, 4, 4),
+             lambda e: ffn_cost(batch, 448, 896, 16, e)),
         Case("pw_conv_bn", f"{batch}x224x16x16 PatchMerging->336", lambda: PatchMerging(224, 336),
              (batch, 224, 16, 16), lambda e: patch_merging_cost(batch, 224, 336, 16, 16, make_divisible(224), e)),
         Case("shsa", f"{batch}x336x8x8 p72", lambda: Residual(SHSA(336, 16, 72)), (batch, 336, 8, 8),

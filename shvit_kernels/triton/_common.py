@@ -192,12 +192,24 @@ class _Shape:
         self.N = h * w
         self.acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         self.meta = {"ACC": _TL[self.acc], "DOT": _TL[x.dtype]}
-        self.block_t = min(_BLOCK_T, _p2(self.N))
-        self.n_tblk = triton.cdiv(self.N, self.block_t)
+        self.block_t, self.n_tblk, _ = self.tiles(False)  # per-sample GEMM tiles
         self.dev = x.device
         self.gpu = x.device.type == "cuda"
         # IEEE fp32/fp64 dots compile to FMA loops that keep operand rows in registers: smaller tiles on a GPU
         self.fma = self.gpu and x.dtype in (torch.float32, torch.float64)
+
+    def tiles(self, flat: bool, cap: int | None = None) -> tuple[int, int, int]:
+        """(BLOCK_T, tiles per sample, tiles) of token tiles of at most `cap` (default _BLOCK_T) tokens. Flat: over the
+        flattened B*N tokens (tiles per sample unused: 1), so that no tile is padded per sample (N = 196 and 49 fill
+        77% of their 256 and 64 slots) nor cut to N tokens (16 at SHViT's last stage, where a GEMM program would
+        stream its weight rows every 16 tokens). Else within each sample."""
+        cap = cap or _BLOCK_T
+        if flat:
+            block_t = min(cap, _p2(self.B * self.N))
+            return block_t, 1, triton.cdiv(self.B * self.N, block_t)
+        block_t = min(cap, _p2(self.N))
+        n_tblk = triton.cdiv(self.N, block_t)
+        return block_t, n_tblk, self.B * n_tblk
 
     def empty(self, *shape) -> torch.Tensor:
         return torch.empty(shape, dtype=self.acc, device=self.dev)

@@ -3,6 +3,8 @@ epilogues, shared by the FFN and the pointwise Conv2d_BN (ffn.py, pw_conv_bn.py)
 kernel, BN apply and gradient-sum kernels, and the split-K weight-gradient kernel.
 
 Activations are indexed through their (sample, channel, token) strides, NCHW or channels_last, with no layout copy.
+Token tiles run over the flattened B*N tokens, so a tile may span samples (_tile_tokens), but for the launches with
+pw_conv_bn's per-sample gate, which tile each sample.
 Deterministic: cross-program reductions write per-tile partials that _sum / _welford reduce in a fixed order.
 Accumulation is fp32 (fp64 for fp64 inputs); dots take activation-dtype operands, IEEE for fp32 / fp64 (no TF32).
 """
@@ -17,6 +19,9 @@ from ._common import (_BLOCK_K, _BLOCK_R, _BN, _EW_TILE, _GEMM_WARPS, _GPU_PROGR
                       _p2, _relu, _rstd, _Shape, _split_k, _store_wgrad, _sum, _welford_partial)
 
 INTERP_WGRAD_PROGRAMS = 1  # weight-grad programs wanted under the interpreter (tests raise it: multi-split path)
+# _gemm_kernel / _wgrad_kernel tile the flattened B*N tokens (_tile_tokens), but for the gate's prologue / epilogue;
+# False: tiles within each sample (for A/B runs: benchmarks/gpu_tune.py)
+FLAT_TOKENS = True
 # Kernels with x resident (_x_tile: the eval FFN forward, the eval pw_conv_bn)
 RESIDENT_X = 32768  # most x elements kept on chip for the whole program (64 KB fp16); 0: never
 RESIDENT_TOKENS = 128  # most tokens per program
@@ -79,10 +84,19 @@ def _gemm(w_ptr, swr, swk, r, rm, a_ptr, sab, sak, sat, z_ptr, szb, szk, szt, me
 
 
 @triton.jit
-def _flat_tokens(BN, N, BLOCK_T: tl.constexpr):
-    # (sample, token, mask) of this program's BLOCK_T tokens of the flattened B*N index: a tile may span samples
-    ft = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    return ft // N, ft % N, ft < BN
+def _tile_tokens(s, N, BN, n_tblk, FLAT: tl.constexpr, BLOCK_T: tl.constexpr):
+    # (sample, token, mask) of token tile s. FLAT: BLOCK_T tokens of the flattened B*N index, so a tile may span
+    # samples (sample and token then vary along the tile); else tile s % n_tblk of sample s // n_tblk (a scalar).
+    # Neither loses vector loads to the other: Triton proves token runs contiguous and aligned only where N % 16 == 0
+    # (its divisibility specialisation), and then a flat tile's runs are 16 tokens long
+    if FLAT:
+        ft = tl.cast(s, tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        b, t, tm = ft // N, ft % N, ft < BN
+    else:
+        b = s // n_tblk
+        t = (s % n_tblk) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tm = t < N
+    return b, t, tm
 
 
 @triton.jit
@@ -114,8 +128,8 @@ def _row_block(w_ptr, swr, swk, r, rm, xs, K, ACC: tl.constexpr, DOT: tl.constex
 def _gemm_kernel(w_ptr, swr, swk, a_ptr, sab, sak, sat, az_ptr, szb, szk, szt, a_mean, a_var, a_w, a_b, a_sums,
                  a_eps: tl.float64, count, o_ptr, sob, sor, sot, e_ptr, seb, ser, set_, e_mean, e_var, e_w, e_b,
                  e_eps: tl.float64, part_ptr,
-                 R, K, N, n_tblk, S,
-                 PRO: tl.constexpr, EPI: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                 R, K, N, BN, n_tblk, S,
+                 PRO: tl.constexpr, EPI: tl.constexpr, FLAT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
     # out = W @ A for BLOCK_R rows x BLOCK_T tokens, A through its prologue PRO (see _operand; its BN: a_*).
     # EPI 0: out and Welford partials of out (the training forward's pre-BN z1 / z2).
@@ -125,18 +139,16 @@ def _gemm_kernel(w_ptr, swr, swk, a_ptr, sab, sak, sat, az_ptr, szb, szk, szt, a
     # EPI 3: out = acc.  EPI 4: out = acc + bias (e_b).  EPI 5: out = relu(acc + bias).
     # EPI 6: out = acc * gate[b, r] (gate: e_w, (B, R) contiguous) and per-tile partials of sum_t acc * e at [bt, r]
     #        of (S, R) (e = the gated GEMM's input x: the gate's gradient).
+    # Token tiles: see _tile_tokens; PRO 3 and EPI 6 need one sample per tile (not FLAT).
     bt = tl.program_id(0)
-    b = bt // n_tblk
-    tb = bt % n_tblk
+    b, t, tm = _tile_tokens(bt, N, BN, n_tblk, FLAT, BLOCK_T)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = r < R
-    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    tm = t < N
     acc = _gemm(w_ptr, swr, swk, r, rm, a_ptr, sab, sak, sat, az_ptr, szb, szk, szt, a_mean, a_var, a_w, a_b, a_sums,
                 a_eps, count, b, t, tm, K, PRO, ACC, DOT, BLOCK_R, BLOCK_K, BLOCK_T)
     mask = rm[:, None] & tm[None, :]
     if EPI == 0:  # padded tokens hold 0: the operand is 0 there
-        _welford_partial(part_ptr, bt, S, R, r, rm, acc, mask, tl.minimum(N - tb * BLOCK_T, BLOCK_T).to(ACC))
+        _welford_partial(part_ptr, bt, S, R, r, rm, acc, mask, tl.sum(tm.to(ACC), axis=0))
     elif EPI == 1:
         z = tl.load(_ptrs(e_ptr, b, seb, r, ser, t, set_), mask=mask, other=0.0).to(ACC)
         scale, shift = _bn_coef(e_mean, e_var, e_w, e_b, e_eps, r, rm, True, ACC)
@@ -165,7 +177,7 @@ def _resident_kernel(w_ptr, swr, swk, bias_ptr, x_ptr, sxb, sxc, sxt, g_ptr, sgb
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
     # y[r, t] = [relu](W[r] (gate * x)[:, t] + bias[r]) for all R rows of one tile of flattened tokens: x's tile is
     # read once and W streamed once per tile (the eval pw_conv_bn; _gemm_kernel re-reads x for every row block)
-    b, t, tm = _flat_tokens(BN, N, BLOCK_T)
+    b, t, tm = _tile_tokens(tl.program_id(0), N, BN, 1, True, BLOCK_T)
     xs = _x_tile(x_ptr, sxb, sxc, sxt, g_ptr, sgb, sgc, b, t, tm, K, GATE, ACC, DOT, BLOCK_K)
     for r0 in range(0, R, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
@@ -225,8 +237,8 @@ def _bn_sums_kernel(g_ptr, sgb, sgc, sgt, z_ptr, szb, szc, szt, mean_ptr, var_pt
 def _wgrad_kernel(l_ptr, slb, slr, slt, lz_ptr, slzb, slzr, slzt, l_mean, l_var, l_w, l_b, l_sums, l_eps: tl.float64,
                   r_ptr, srb, srk, srt, rz_ptr, srzb, srzk, srzt, r_mean, r_var, r_w, r_b, r_eps: tl.float64, count,
                   part_ptr, rowsum_ptr,
-                  R, K, N, n_tblk, n_tiles, per_split,
-                  PRO_L: tl.constexpr, PRO_R: tl.constexpr, ROWSUM: tl.constexpr, ACC: tl.constexpr,
+                  R, K, N, BN, n_tblk, n_tiles, per_split,
+                  PRO_L: tl.constexpr, PRO_R: tl.constexpr, ROWSUM: tl.constexpr, FLAT: tl.constexpr, ACC: tl.constexpr,
                   DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
     # Split-K weight grad: the partial over this split's token tiles of sum_{b,n} L[b, r, n] * Rt[b, k, n], both
     # operands through their prologues (see _operand; L: a grad, Rt: the layer's input). ROWSUM: also the partial
@@ -239,9 +251,7 @@ def _wgrad_kernel(l_ptr, slb, slr, slt, lz_ptr, slzb, slzr, slzt, l_mean, l_var,
     acc = tl.zeros([BLOCK_R, BLOCK_K], ACC)
     rs = tl.zeros([BLOCK_R], ACC)
     for tile in range(sp * per_split, tl.minimum(sp * per_split + per_split, n_tiles)):
-        b = tile // n_tblk
-        t = (tile % n_tblk) * BLOCK_T + tl.arange(0, BLOCK_T)
-        tm = t < N
+        b, t, tm = _tile_tokens(tile, N, BN, n_tblk, FLAT, BLOCK_T)
         g = _operand(l_ptr, slb, slr, slt, lz_ptr, slzb, slzr, slzt, l_mean, l_var, l_w, l_b, l_sums, l_eps, count,
                      b, r, rm, t, tm, R, PRO_L, ACC)
         a = _operand(r_ptr, srb, srk, srt, rz_ptr, srzb, srzk, srzt, r_mean, r_var, r_w, r_b, r_mean, r_eps, count,
@@ -351,7 +361,8 @@ def _gemm_launch(dm: _Dims, w_rk: tuple, R: int, K: int, a: torch.Tensor, pro: i
     w, swr, swk = w_rk
     block_r = min(_BLOCK_R, _p2(R))
     block_k = min(_BLOCK_K, _p2(K))
-    S = dm.B * dm.n_tblk
+    flat = FLAT_TOKENS and pro != 3 and epi != 6  # the gate's prologue and epilogue index one sample per tile
+    block_t, n_tblk, S = dm.tiles(flat)
     part = {0: lambda: dm.empty(3, S, R), 1: lambda: dm.empty(S, 2 * R), 6: lambda: dm.empty(S, R)}.get(epi, lambda: out)()
     e = e if e is not None else out
     if e_bn is not None:
@@ -359,8 +370,9 @@ def _gemm_launch(dm: _Dims, w_rk: tuple, R: int, K: int, a: torch.Tensor, pro: i
     else:
         eb = (out, out, gate if gate is not None else out, bias if bias is not None else out, 0.0)
     _gemm_kernel[(S, triton.cdiv(R, block_r))](
-        w, swr, swk, a, *_st(a), *a_bn, dm.count, out, *_st(out), e, *_st(e), *eb, part, R, K, dm.N, dm.n_tblk, S,
-        PRO=pro, EPI=epi, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_T=dm.block_t, num_warps=_GEMM_WARPS, **dm.meta)
+        w, swr, swk, a, *_st(a), *a_bn, dm.count, out, *_st(out), e, *_st(e), *eb, part, R, K, dm.N, dm.count, n_tblk,
+        S, PRO=pro, EPI=epi, FLAT=flat, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_T=block_t, num_warps=_GEMM_WARPS,
+        **dm.meta)
     return part if epi in (0, 1, 6) else None
 
 
@@ -371,9 +383,8 @@ def _wgrad(dm: _Dims, left: torch.Tensor, pro_l: int, l_bn: tuple, right: torch.
     R, K = left.shape[1], right.shape[1]
     block_r, block_k = min(_BLOCK_R, _p2(R)), min(_BLOCK_R, _p2(K))
     grid_rk = triton.cdiv(R, block_r) * triton.cdiv(K, block_k)
-    block_t = min(dm.block_t, 32) if dm.fma else dm.block_t  # tokens are the dot's K: FMA dots spill at 64
-    n_tblk = triton.cdiv(dm.N, block_t)
-    n_tiles = dm.B * n_tblk
+    flat = FLAT_TOKENS and r_gate is None
+    block_t, n_tblk, n_tiles = dm.tiles(flat, 32 if dm.fma else None)  # tokens: the dot's K; FMA spills at 64
     per_split, S = _split_k(n_tiles, grid_rk, _GPU_PROGRAMS if dm.gpu else INTERP_WGRAD_PROGRAMS)
     part = dm.empty(S, R * K)
     rs = dm.empty(S, R) if rowsum else part
@@ -381,8 +392,8 @@ def _wgrad(dm: _Dims, left: torch.Tensor, pro_l: int, l_bn: tuple, right: torch.
     rz = (r_gate, r_gate.stride(0), r_gate.stride(1), 0) if r_gate is not None else (right, 0, 0, 0)
     _wgrad_kernel[(triton.cdiv(R, block_r), triton.cdiv(K, block_k), S)](
         left, *_st(left), *l_bn, right, *_st(right), *rz, *rb, dm.count,
-        part, rs, R, K, dm.N, n_tblk, n_tiles, per_split, PRO_L=pro_l, PRO_R=pro_r, ROWSUM=rowsum, BLOCK_R=block_r,
-        BLOCK_K=block_k, BLOCK_T=block_t, num_warps=_GEMM_WARPS, **dm.meta)
+        part, rs, R, K, dm.N, dm.count, n_tblk, n_tiles, per_split, PRO_L=pro_l, PRO_R=pro_r, ROWSUM=rowsum,
+        FLAT=flat, BLOCK_R=block_r, BLOCK_K=block_k, BLOCK_T=block_t, num_warps=_GEMM_WARPS, **dm.meta)
     return _sum(part).view(R, K), (_sum(rs) if rowsum else None)
 
 

@@ -42,3 +42,21 @@ def x_path(request, monkeypatch):
         assert not pw_resident and not any(k["X_RESIDENT"] for k in ffn_fwd)
     elif os.environ.get("TRITON_INTERPRET") == "1":
         assert not pw_eval and all(k["X_RESIDENT"] for k in ffn_fwd)
+
+
+@pytest.fixture(params=["flat", "per-sample"])
+def token_tiles(request, monkeypatch):
+    """Both tilings of the token GEMMs (_gemm_kernel, _wgrad_kernel): tiles of the flattened B*N tokens, which may
+    span samples (FLAT_TOKENS, the default), or tiles within each sample. On teardown, checks that every launch the
+    test made took the tiling it names; launches with the gate (PRO 3, EPI 6, PRO_R 3) always tile per sample."""
+    from shvit_kernels.triton import _token_gemm
+
+    monkeypatch.setattr(_token_gemm, "FLAT_TOKENS", request.param == "flat")
+    gemm, wgrad = [], []
+    monkeypatch.setattr(_token_gemm, "_gemm_kernel", _Spy(_token_gemm._gemm_kernel, gemm))
+    monkeypatch.setattr(_token_gemm, "_wgrad_kernel", _Spy(_token_gemm._wgrad_kernel, wgrad))
+    yield request.param
+    gated = [k["PRO"] == 3 or k["EPI"] == 6 for k in gemm] + [k["PRO_R"] == 3 for k in wgrad]
+    flat = [k["FLAT"] for k in gemm + wgrad]
+    assert flat, "no token GEMM was launched"
+    assert flat == [request.param == "flat" and not g for g in gated]

@@ -139,14 +139,17 @@ def small_tiles(monkeypatch):
 
 @LAYOUTS
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_multiblock(small_tiles, train, channels_last, x_path):
+def test_multiblock(small_tiles, train, channels_last, x_path, token_tiles):
     b, d, h, hh, ww = 2, 20, 40, 3, 7
     dm = T._Dims(torch.empty(b, d, hh, ww, device=DEVICE), h)
-    assert T._fused_blocks(dm, dm.N) == (16, 16, 16, 16) and dm.n_tblk == 2  # 2 row blocks, 3 hidden blocks, 2 K chunks
-    if x_path == "resident" and DEVICE == "cpu":  # 42 tokens in 3 tiles; the second holds tokens of both samples
+    assert T._fused_blocks(dm, dm.N) == (16, 16, 16, 16)  # 2 row blocks, 3 hidden blocks, 2 K chunks
+    # 42 tokens in 3 tiles, the second holding tokens of both samples; per sample, 2 tiles each
+    flat = token_tiles == "flat"
+    assert dm.tiles(flat) == ((16, 1, 3) if flat else (16, 2, 4))
+    if x_path == "resident" and DEVICE == "cpu":
         assert T._resident_blocks(dm) == (16, 16, 32, 16)
-    grid_rk = 3 * 2  # weight grads (h x d) in 16 x 16 blocks: 4 token tiles in 2 splits of 2
-    assert _common._split_k(b * dm.n_tblk, grid_rk, TG.INTERP_WGRAD_PROGRAMS) == (2, 2)
+    grid_rk = 3 * 2  # weight grads (h x d) in 16 x 16 blocks: 3 or 4 token tiles in 2 splits of 2
+    assert _common._split_k(dm.tiles(flat)[2], grid_rk, TG.INTERP_WGRAD_PROGRAMS) == (2, 2)
     ours, refs = _inputs(b, d, h, hh, ww, torch.float64, torch.float64, train, channels_last)
     (_run_train if train else _run_eval)(ours, refs, torch.float64)
 

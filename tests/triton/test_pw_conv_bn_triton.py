@@ -87,10 +87,10 @@ def small_tiles(monkeypatch):
 
 
 @CASES
-def test_multitile(small_tiles, train, gated, relu, x_path):
-    b, k, o, hh, ww = 2, 40, 20, 3, 7  # 3 K chunks, 2 row blocks (grad_x: 3), 2 token tiles per sample
+def test_multitile(small_tiles, train, gated, relu, x_path, token_tiles):
+    b, k, o, hh, ww = 2, 40, 20, 3, 7  # 3 K chunks, 2 row blocks (grad_x: 3); 2 token tiles per sample, or 3 flat
     dm = TG._Dims(torch.empty(b, k, hh, ww, device=DEVICE), o)
-    assert dm.block_t == 16 and dm.n_tblk == 2
+    assert dm.tiles(False) == (16, 2, 4) and dm.tiles(True) == (16, 1, 3)
     if x_path == "resident" and DEVICE == "cpu":  # 42 tokens in tiles of 16: the second holds both samples' tokens
         assert TG._resident_gemm(dm, k, o) == (64, 16, 16)
     _run(b, k, o, hh, ww, torch.float64, train, gated, relu, True)
