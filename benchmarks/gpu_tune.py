@@ -31,10 +31,10 @@ from shvit_kernels.triton import shsa
 # (the default) is always in it
 KNOBS: dict[str, dict[str, list[int]]] = {
     "dwconv_bn": {"_TILE": [1024, 2048], "_WARPS": [4, 8], "_IMAGES": [1, 4, 8], "_ROW_PX": [128, 256]},
-    # the token GEMMs (training): tiles over the flattened B*N tokens or per sample (FLAT_TOKENS; per sample, the
-    # FFN's 4x4 case takes 16-token tiles), and their sizes
-    "pw_conv_bn": {"FLAT_TOKENS": [False, True], "_BLOCK_R": [64, 128], "_BLOCK_K": [32, 64]},
-    "ffn": {"FLAT_TOKENS": [False, True], "_BLOCK_T": [64, 128], "_GEMM_WARPS": [4, 8]},
+    # the token GEMMs (training): tiles over the flattened B*N tokens (FLAT_TOKENS 16: where N % 16 == 0, all the
+    # bench's cases) or per sample (0: the FFN's 4x4 case then takes 16-token tiles), and their sizes
+    "pw_conv_bn": {"FLAT_TOKENS": [0, 16], "_BLOCK_R": [64, 128], "_BLOCK_K": [32, 64]},
+    "ffn": {"FLAT_TOKENS": [0, 16], "_BLOCK_T": [64, 128], "_GEMM_WARPS": [4, 8]},
     "ffn eval fwd": {"RESIDENT_X": [0, 32768], "RESIDENT_TOKENS": [32, 64, 128], "FUSED_HIDDEN": [16, 32]},
     "pw_conv_bn eval fwd": {"RESIDENT_X": [0, 32768], "RESIDENT_TOKENS": [64, 128], "RESIDENT_W": [8192, 16384]},
     "shsa": {"_ATTN_TILE": [4096, 8192, 16384], "_BLOCK_R": [32, 64, 128], "_GEMM_WARPS": [4, 8]},

@@ -13,6 +13,7 @@ _GEMM_WARPS = 8  # 4 warps spill on sm_90 with these tiles (ptxas), fp32 FMA dot
 _EW_TILE = 1024  # elements per tile of the statistics / elementwise kernels (8 per thread)
 _RED_TILE, _RED_R = 2048, 128  # reduction kernels: tile elements, most rows per tile
 _GPU_PROGRAMS = 264  # programs that fill an H100 (2 per SM): split-K weight grads and the one-kernel SHSA eval aim at it
+FLAT_TOKENS = 16  # token GEMMs tile the flattened B*N tokens where N % FLAT_TOKENS == 0 (_Shape.flat); 1: always
 
 
 # ---- device helpers ----------------------------------------------------------------------------------------
@@ -91,6 +92,22 @@ def _bn_grad(g, z, mean_ptr, var_ptr, w_ptr, sums_ptr, eps, count, r, rm, mask, 
     # _bn_grad_apply with rows r's coefficients loaded here (a kernel that applies them to many tiles loads them once)
     mean, rstd, a, mg, mgz = _bn_grad_coef(mean_ptr, var_ptr, w_ptr, sums_ptr, eps, count, r, rm, R, ACC)
     return _bn_grad_apply(g, z, mean, rstd, a, mg, mgz, mask)
+
+
+@triton.jit
+def _tile_tokens(s, N, BN, n_tblk, FLAT: tl.constexpr, BLOCK_T: tl.constexpr):
+    # (sample, token, mask) of token tile s. FLAT: BLOCK_T tokens of the flattened B*N index, so a tile may span
+    # samples (sample and token then vary along the tile); else tile s % n_tblk of sample s // n_tblk (a scalar).
+    # Neither loses vector loads to the other: Triton proves token runs contiguous and aligned only where N % 16 == 0
+    # (its divisibility specialisation), and then a flat tile's runs are 16 tokens long
+    if FLAT:
+        ft = tl.cast(s, tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        b, t, tm = ft // N, ft % N, ft < BN
+    else:
+        b = s // n_tblk
+        t = (s % n_tblk) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tm = t < N
+    return b, t, tm
 
 
 @triton.jit
@@ -199,17 +216,25 @@ class _Shape:
         self.fma = self.gpu and x.dtype in (torch.float32, torch.float64)
 
     def tiles(self, flat: bool, cap: int | None = None) -> tuple[int, int, int]:
-        """(BLOCK_T, tiles per sample, tiles) of token tiles of at most `cap` (default _BLOCK_T) tokens. Flat: over the
+        """(BLOCK_T, tiles per sample, tiles) of token tiles of at most min(cap, _BLOCK_T) tokens. Flat: over the
         flattened B*N tokens (tiles per sample unused: 1), so that no tile is padded per sample (N = 196 and 49 fill
         77% of their 256 and 64 slots) nor cut to N tokens (16 at SHViT's last stage, where a GEMM program would
         stream its weight rows every 16 tokens). Else within each sample."""
-        cap = cap or _BLOCK_T
+        cap = min(cap or _BLOCK_T, _BLOCK_T)
         if flat:
             block_t = min(cap, _p2(self.B * self.N))
             return block_t, 1, triton.cdiv(self.B * self.N, block_t)
         block_t = min(cap, _p2(self.N))
         n_tblk = triton.cdiv(self.N, block_t)
         return block_t, n_tblk, self.B * n_tblk
+
+    @property
+    def flat(self) -> bool:
+        """Whether the token GEMMs tile the flattened B*N tokens: where N % FLAT_TOKENS == 0. Triton then proves runs
+        of 16 contiguous, aligned tokens (it specialises N on divisibility by 16), as in per-sample tiles: the same
+        vector loads and cp.async pipelines. For other N, a flat tile's per-token sample and offset cost registers
+        (sm_90 ptxas, the FFN's first GEMM at 7x7: 142 against 64), so those tile each sample."""
+        return FLAT_TOKENS > 0 and self.N % FLAT_TOKENS == 0
 
     def empty(self, *shape) -> torch.Tensor:
         return torch.empty(shape, dtype=self.acc, device=self.dev)

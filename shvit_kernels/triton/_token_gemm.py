@@ -3,8 +3,8 @@ epilogues, shared by the FFN and the pointwise Conv2d_BN (ffn.py, pw_conv_bn.py)
 kernel, BN apply and gradient-sum kernels, and the split-K weight-gradient kernel.
 
 Activations are indexed through their (sample, channel, token) strides, NCHW or channels_last, with no layout copy.
-Token tiles run over the flattened B*N tokens, so a tile may span samples (_tile_tokens), but for the launches with
-pw_conv_bn's per-sample gate, which tile each sample.
+Token tiles run over the flattened B*N tokens where N % 16 == 0, so a tile may span samples (_Shape.flat), but for
+the launches with pw_conv_bn's per-sample gate, which tile each sample.
 Deterministic: cross-program reductions write per-tile partials that _sum / _welford reduce in a fixed order.
 Accumulation is fp32 (fp64 for fp64 inputs); dots take activation-dtype operands, IEEE for fp32 / fp64 (no TF32).
 """
@@ -16,12 +16,9 @@ import triton.language as tl
 
 from ..reference.ffn import memory_format
 from ._common import (_BLOCK_K, _BLOCK_R, _BN, _EW_TILE, _GEMM_WARPS, _GPU_PROGRAMS, _at, _bn_coef, _bn_grad, _mm,
-                      _p2, _relu, _rstd, _Shape, _split_k, _store_wgrad, _sum, _welford_partial)
+                      _p2, _relu, _rstd, _Shape, _split_k, _store_wgrad, _sum, _tile_tokens, _welford_partial)
 
 INTERP_WGRAD_PROGRAMS = 1  # weight-grad programs wanted under the interpreter (tests raise it: multi-split path)
-# _gemm_kernel / _wgrad_kernel tile the flattened B*N tokens (_tile_tokens), but for the gate's prologue / epilogue;
-# False: tiles within each sample (for A/B runs: benchmarks/gpu_tune.py)
-FLAT_TOKENS = True
 # Kernels with x resident (_x_tile: the eval FFN forward, the eval pw_conv_bn)
 RESIDENT_X = 32768  # most x elements kept on chip for the whole program (64 KB fp16); 0: never
 RESIDENT_TOKENS = 128  # most tokens per program
@@ -81,22 +78,6 @@ def _gemm(w_ptr, swr, swk, r, rm, a_ptr, sab, sak, sat, z_ptr, szb, szk, szt, me
                      count, b, k, km, t, tm, K, PRO, ACC)
         acc = _mm(w.to(DOT), a.to(DOT), acc, ACC)
     return acc
-
-
-@triton.jit
-def _tile_tokens(s, N, BN, n_tblk, FLAT: tl.constexpr, BLOCK_T: tl.constexpr):
-    # (sample, token, mask) of token tile s. FLAT: BLOCK_T tokens of the flattened B*N index, so a tile may span
-    # samples (sample and token then vary along the tile); else tile s % n_tblk of sample s // n_tblk (a scalar).
-    # Neither loses vector loads to the other: Triton proves token runs contiguous and aligned only where N % 16 == 0
-    # (its divisibility specialisation), and then a flat tile's runs are 16 tokens long
-    if FLAT:
-        ft = tl.cast(s, tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-        b, t, tm = ft // N, ft % N, ft < BN
-    else:
-        b = s // n_tblk
-        t = (s % n_tblk) * BLOCK_T + tl.arange(0, BLOCK_T)
-        tm = t < N
-    return b, t, tm
 
 
 @triton.jit
@@ -294,14 +275,16 @@ class _Dims(_Shape):
 
 def _resident_tokens(dm: _Dims, K: int) -> tuple[int, int] | None:
     """(BLOCK_K, BLOCK_T) of a kernel that keeps x's whole [K, BLOCK_T] tile on chip (_x_tile) and streams its
-    weights once per tile of flattened tokens, or None: GPU fp32 / fp64 (FMA dots hold operands in registers), or K
-    too wide for a 16-token tile. Each program streams all the weights, so the tile is as long as RESIDENT_X and
-    RESIDENT_TOKENS allow while the grid still gives every SM a program (on a GPU; the interpreter wants few)."""
+    weights once per tile of flattened tokens, or None: GPU fp32 / fp64 (FMA dots hold operands in registers), K
+    too wide for a 16-token tile, or, on a GPU, N % 16 != 0 (not dm.flat: the flattened tokens' per-element indices
+    made the FFN forward spill 736 B a thread at 14x14 and 784 B at 7x7, sm_90 ptxas). Each program streams all the
+    weights, so the tile is as long as RESIDENT_X and RESIDENT_TOKENS allow while the grid still gives every SM a
+    program (on a GPU; the interpreter wants few)."""
     k = _p2(K)
     tokens = dm.B * dm.N
     fill = 1 << max(0, (tokens // (_GPU_PROGRAMS // 2 if dm.gpu else 1)).bit_length() - 1)  # power of two, floor
     block_t = min(RESIDENT_TOKENS, RESIDENT_X // k, _p2(tokens), max(32, fill))
-    return None if dm.fma or block_t < 16 else (k, block_t)
+    return None if dm.fma or block_t < 16 or dm.gpu and not dm.flat else (k, block_t)
 
 
 def _resident_gemm(dm: _Dims, K: int, R: int) -> tuple[int, int, int] | None:
@@ -361,7 +344,7 @@ def _gemm_launch(dm: _Dims, w_rk: tuple, R: int, K: int, a: torch.Tensor, pro: i
     w, swr, swk = w_rk
     block_r = min(_BLOCK_R, _p2(R))
     block_k = min(_BLOCK_K, _p2(K))
-    flat = FLAT_TOKENS and pro != 3 and epi != 6  # the gate's prologue and epilogue index one sample per tile
+    flat = dm.flat and pro != 3 and epi != 6  # the gate's prologue and epilogue index one sample per tile
     block_t, n_tblk, S = dm.tiles(flat)
     part = {0: lambda: dm.empty(3, S, R), 1: lambda: dm.empty(S, 2 * R), 6: lambda: dm.empty(S, R)}.get(epi, lambda: out)()
     e = e if e is not None else out
@@ -383,7 +366,7 @@ def _wgrad(dm: _Dims, left: torch.Tensor, pro_l: int, l_bn: tuple, right: torch.
     R, K = left.shape[1], right.shape[1]
     block_r, block_k = min(_BLOCK_R, _p2(R)), min(_BLOCK_R, _p2(K))
     grid_rk = triton.cdiv(R, block_r) * triton.cdiv(K, block_k)
-    flat = FLAT_TOKENS and r_gate is None
+    flat = dm.flat and r_gate is None
     block_t, n_tblk, n_tiles = dm.tiles(flat, 32 if dm.fma else None)  # tokens: the dot's K; FMA spills at 64
     per_split, S = _split_k(n_tiles, grid_rk, _GPU_PROGRAMS if dm.gpu else INTERP_WGRAD_PROGRAMS)
     part = dm.empty(S, R * K)

@@ -18,9 +18,9 @@ Eval forward (1 launch, 1 pass): _fused_fwd_kernel, grid (token tiles of the fla
   fp64) the first GEMM steps through d in BLOCK_K chunks of x. When d is wider than BLOCK_D, the output rows are
   split over programs and each recomputes the hidden for its row block: n_dblk times the first GEMM's FLOPs.
 Eval backward (gets only the inputs; 3 launches + 4 small sums):
-  _fused_bwd_kernel (the K-step forward's grid): per hidden block, recompute z = W1[hb] x + b1 and gh = W2[:, hb]^T grad_y, gz1 =
-            gh * (z > 0); acc += W1[hb]^T gz1; grad_x = grad_y + acc. Read x, grad_y; write grad_x and, from row
-            block 0, h = relu(z) and gz1 (h/d x each, the weight grads' operands).
+  _fused_bwd_kernel (token tiles, d row blocks): per hidden block, recompute z = W1[hb] x + b1 and gh =
+            W2[:, hb]^T grad_y, gz1 = gh * (z > 0); acc += W1[hb]^T gz1; grad_x = grad_y + acc. Read x, grad_y;
+            write grad_x and, from row block 0, h = relu(z) and gz1 (h/d x each, the weight grads' operands).
   _wgrad_kernel x2 (row blocks, col blocks, token splits): grad W1 = sum gz1 x^T (+ row sums: grad b1), grad W2 =
             sum grad_y h^T (+ grad b2), as split-K partials; _sum_kernel adds them in a fixed order.
 Training forward (3 passes, each BN's batch statistics force a boundary; 3 launches + 2 small Welford merges):
@@ -34,7 +34,8 @@ Training backward (relu(bn1(z1)) recomputed in the loads, never stored; 5 launch
             in the operand load; read grad_y, z2 once per h row block, z1; write g1 (h/d x); sums of g1, g1 * zhat1
   _gemm_kernel EPI 2 (token tiles, d row blocks)  grad_x = grad_y + W1^T bn1_bwd(g1); read g1, z1, grad_y
   _wgrad_kernel  grad W1 = sum bn1_bwd(g1) x^T;  _wgrad_kernel  grad W2 = sum bn2_bwd(grad_y) relu(bn1(z1))^T
-The GEMMs' token tiles run over the flattened B*N tokens (_token_gemm._tile_tokens): a tile may span samples.
+Where N % 16 == 0 (_Shape.flat), token tiles run over the flattened B*N tokens (_tile_tokens): a tile may span
+samples. The eval forward's always do.
 Deterministic: every cross-program reduction writes per-tile partials that _sum/_welford reduce in a fixed order.
 Accumulation is fp32 (fp64 for fp64 inputs); dots take activation-dtype operands (the hidden is rounded to it, as
 stock PyTorch stores it), and fp32/fp64 dots are IEEE (no TF32). Offsets are 64-bit from the sample index on.
@@ -45,10 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _BLOCK_T, _BN, _cast, _mm, _p2, _relu, _sum, _welford
-from ._token_gemm import (RESIDENT_W, _Dims, _bn_apply, _bn_operand, _bn_sums, _dense, _gemm,
-                          _gemm_launch, _no_bn, _ptrs, _resident_tokens, _row_block, _st, _t,
-                          _tile_tokens, _wgrad, _x_tile)
+from ._common import _BLOCK_T, _BN, _cast, _mm, _p2, _relu, _sum, _tile_tokens, _welford
+from ._token_gemm import (RESIDENT_W, _Dims, _bn_apply, _bn_operand, _bn_sums, _dense, _gemm, _gemm_launch, _no_bn,
+                          _ptrs, _resident_tokens, _row_block, _st, _t, _wgrad, _x_tile)
 
 # Fused eval kernels' tiles; module-level so that tests can shrink them to reach the multi-block paths.
 FUSED_ROWS = 256  # most output channels per program (a [FUSED_ROWS, tokens] fp32 accumulator in registers)
@@ -103,12 +103,12 @@ def _fused_fwd_kernel(x_ptr, sxb, sxc, sxt, w1_ptr, sw1h, sw1c, b1_ptr, w2_ptr, 
 
 @triton.jit
 def _fused_bwd_kernel(x_ptr, sxb, sxc, sxt, gy_ptr, sgb, sgc, sgt, w1_ptr, sw1h, sw1c, b1_ptr, w2_ptr, sw2c, sw2h,
-                      gx_ptr, sob, soc, sot, h_ptr, gh_ptr, shb, shr, sht, D, HD, N, BN,
-                      ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+                      gx_ptr, sob, soc, sot, h_ptr, gh_ptr, shb, shr, sht, D, HD, N, BN, n_tblk,
+                      FLAT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
     # grad_x[c, t] = grad_y + W1[:, c]^T gz1, gz1 = (W2^T grad_y) * (W1 x + b1 > 0), over hidden blocks; row block 0
-    # also stores h = relu(W1 x + b1) and gz1 for the weight grads. Tiles of flattened tokens, as the forward's
-    b, t, tm = _tile_tokens(tl.program_id(0), N, BN, 1, True, BLOCK_T)
+    # also stores h = relu(W1 x + b1) and gz1 for the weight grads. FLAT: tiles of the flattened B*N tokens
+    b, t, tm = _tile_tokens(tl.program_id(0), N, BN, n_tblk, FLAT, BLOCK_T)
     c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     cm = c < D
     kept_rows = tl.where(tl.program_id(1) == 0, HD, 0)  # row block 0 keeps h and gz1; the others store none
@@ -160,17 +160,22 @@ def _resident_blocks(dm: _Dims) -> tuple[int, int, int, int] | None:
 
 
 def _fused_grid(dm: _Dims, forward: bool = False) -> tuple[tuple[int, int], tuple, dict]:
-    """Grid, size arguments and meta of the fused eval kernels, over tiles of the flattened tokens (a tile may span
-    samples); the forward keeps x's tile on chip where _resident_blocks allows."""
+    """Grid, size arguments and meta of the fused eval kernels. The forward tiles the flattened tokens (a tile may
+    span samples) and keeps x's tile on chip where _resident_blocks allows; the backward does where dm.flat."""
     blocks = _resident_blocks(dm) if forward else None
-    block_d, block_h, block_k, block_t = blocks or _fused_blocks(dm, dm.B * dm.N)
+    flat = forward or dm.flat
+    block_d, block_h, block_k, block_t = blocks or _fused_blocks(dm, dm.B * dm.N if flat else dm.N)
     acc = block_d * block_t
     # resident: at most 64 accumulator registers a thread (16 warps at S4 stage 1); K steps: at most 32
     warps = min(16, max(4, acc // 2048)) if blocks else 8 if acc >= 4096 else 4
     meta = dict(BLOCK_D=block_d, BLOCK_H=block_h, BLOCK_K=block_k, BLOCK_T=block_t, num_warps=warps, **dm.meta)
+    n_dblk = triton.cdiv(dm.D, block_d)
     if forward:
         meta["X_RESIDENT"] = blocks is not None
-    return (triton.cdiv(dm.B * dm.N, block_t), triton.cdiv(dm.D, block_d)), (dm.D, dm.HD, dm.N, dm.B * dm.N), meta
+        return (triton.cdiv(dm.B * dm.N, block_t), n_dblk), (dm.D, dm.HD, dm.N, dm.B * dm.N), meta
+    n_tblk = triton.cdiv(dm.N, block_t)
+    tiles = triton.cdiv(dm.B * dm.N, block_t) if flat else dm.B * n_tblk
+    return (tiles, n_dblk), (dm.D, dm.HD, dm.N, dm.B * dm.N, n_tblk), meta | {"FLAT": flat}
 
 
 def fwd(x, w1, b1, w2, b2):

@@ -5,8 +5,8 @@ grad_x keep x's layout (NCHW or channels_last, no copy); z is saved channels_las
 operand loads (PRO 3), so the gated activation is never written, forward or backward.
 
 Eval forward (1 launch): y = [relu](W (gate * x) + b); read x, write y. _resident_kernel where _resident_gemm takes
-  it (fp16 / bf16 on a GPU with K <= 512 and at least 64 tokens a tile; always under the interpreter): a program
-  holds the (gated) x tile of up to 128 flattened tokens and streams all of W once, row block by row block
+  it (fp16 / bf16 on a GPU with K <= 512, N % 16 == 0 and at least 64 tokens a tile; always under the interpreter):
+  a program holds the (gated) x tile of up to 128 flattened tokens and streams all of W once, row block by row block
   (PatchMerging's conv1 at S4 stage 1, batch 256: W read 512 times instead of 1024, x once instead of once per 64
   output rows: 411 -> 117 M elements from L2). Otherwise _gemm_kernel PRO 3 (gate) EPI 4 / 5.
 Eval backward (2 launches + sums): _gemm_kernel (W^T) PRO 4 (grad_y masked by y > 0) EPI 6: grad_x = gate * gv and

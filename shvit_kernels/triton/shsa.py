@@ -18,13 +18,13 @@ Forward otherwise (eval: 5 launches; training: 8). Per launch: grid, then bytes 
             (Q+P)*N per sample; write o (B*P*N) and the row logsumexp (B*N fp32). All keys in one block
             (N <= SINGLE_PASS_MAX): plain softmax; otherwise online softmax over key blocks. The N x N scores live
             only as one [queries, keys] register tile.
-  proj      (B*token tiles, row blocks)      y = W_proj @ relu(cat[o, x2]) [+ bias] [+ x]: the concat and ReLU
+  proj      (token tiles, row blocks)        y = W_proj @ relu(cat[o, x2]) [+ bias] [+ x]: the concat and ReLU
             happen in the operand load (o rows from o, the rest from x). Training: pre-BN values into y and
             Welford partials; _welford; bn_apply normalises y in place [+ x].
 Backward (the op gets only the inputs): recompute gn stats, z, o and the logsumexp, then
   [training: proj in mode 2 -> z_y (B*C*N) and per-tile sums of g, g*zhat for the proj BN]
   wgrad     (row blocks, col blocks, token splits)  grad of W_proj (+ grad of its bias) as split-K partials
-  proj_bwd  (B*token tiles, 1 + x2 blocks)  gu = W_proj^T @ gz with the ReLU mask; block 0 holds all P attention
+  proj_bwd  (token tiles, 1 + x2 blocks)    gu = W_proj^T @ gz with the ReLU mask; block 0 holds all P attention
             channels: go and D = rowsum(go*o); the others write grad_x2 [+ grad_y] into grad_x directly
   attn_bwd  (B*blocks, 2 roles)             FlashAttention-2: P recomputed per [queries, keys] tile from q, k and
             the logsumexp, dS = P * (dP - D). Role 0 owns a key block (dk, dv over all query blocks), role 1 a
@@ -33,6 +33,9 @@ Backward (the op gets only the inputs): recompute gn stats, z, o and the logsume
   wgrad     grad of W_qkv (GroupNorm output recomputed in the load)
   gn_bwd_dn (B*token tiles, P blocks)       gn = W_qkv^T @ gz into grad_x[:, :P]; sums for g_gn_w, g_gn_b and the
             per-sample GroupNorm sums;  gn_bwd_dx: grad_x1 in place [+ grad_y]
+Where N % 16 == 0 (_Shape.flat), the projection's launches (proj, proj_bwd, the proj weight grad) tile the flattened
+B*N tokens (_tile_tokens): a tile may span samples, so none is cut to N tokens (16 at S4's last stage). The others
+tile each sample: the GroupNorm and the attention are per sample ("B*token tiles").
 Deterministic: every cross-program reduction writes per-tile partials that _sum/_welford reduce in a fixed order.
 Accumulation is fp32 (fp64 for fp64 inputs); dots take activation-dtype operands, and fp32/fp64 dots are IEEE
 (no TF32) so that results match the float64 reference.
@@ -44,7 +47,8 @@ import triton
 import triton.language as tl
 
 from ._common import (_BLOCK_K, _BLOCK_R, _BN, _GEMM_WARPS, _GPU_PROGRAMS, _at, _bn_coef, _bn_grad, _cast, _mm, _p2,
-                     _inv_std, _relu, _rstd, _Shape, _split_k, _store_wgrad, _sum, _welford, _welford_partial)
+                     _inv_std, _relu, _rstd, _Shape, _split_k, _store_wgrad, _sum, _tile_tokens, _welford,
+                     _welford_partial)
 
 # Attention blocking; module-level so that tests can shrink it to reach the multi-block paths with a small N.
 BLOCK_QUERIES = 64  # queries per forward program
@@ -61,9 +65,10 @@ INTERP_EVAL_PROGRAMS = 1  # _eval_kernel programs wanted under the interpreter (
 
 @triton.jit
 def _rows(ptr, b, r, t, R, N):
-    # [len(r), len(t)] pointers: rows r, tokens t of sample b of a contiguous (B, R, N) tensor; int64 from the
-    # sample index on: B*R*N (and B*R) may exceed 2**31
-    return ptr + (_at(b, R, r) * N)[:, None] + t[None, :]
+    # [len(r), len(t)] pointers: rows r, tokens t of sample b of a contiguous (B, R, N) tensor; b is one sample or,
+    # in a tile of flattened tokens (_tile_tokens), each token's. int64 from the sample index on: B*R*N may exceed
+    # 2**31
+    return ptr + tl.cast(b, tl.int64) * R * N + (r.to(tl.int64) * N)[:, None] + t[None, :]
 
 
 @triton.jit
@@ -268,25 +273,22 @@ def _attn_fwd_kernel(z_ptr, mean_ptr, var_ptr, bnw_ptr, bnb_ptr, eps: tl.float64
 
 @triton.jit
 def _proj_kernel(o_ptr, x_ptr, w_ptr, swc, swj, bias_ptr, y_ptr, part_ptr, g_ptr, mean_ptr, var_ptr, eps: tl.float64,
-                 C, P, N, n_tblk, S,
-                 MODE: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                 C, P, N, BN, n_tblk, S,
+                 MODE: tl.constexpr, RESIDUAL: tl.constexpr, FLAT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
                  BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
-    # z = W_proj @ relu(cat[o, x2]) for BLOCK_C rows x BLOCK_T tokens. MODE 0 (eval): y = z + bias [+ x];
-    # 1 (training forward): y = z and Welford partials; 2 (training backward): y = z and per-tile sums of
-    # g and g * zhat (g = grad_y) for the BN backward.
+    # z = W_proj @ relu(cat[o, x2]) for BLOCK_C rows x BLOCK_T tokens (FLAT: of the flattened B*N, a tile may span
+    # samples). MODE 0 (eval): y = z + bias [+ x]; 1 (training forward): y = z and Welford partials; 2 (training
+    # backward): y = z and per-tile sums of g and g * zhat (g = grad_y) for the BN backward.
     bt = tl.program_id(0)
-    b = bt // n_tblk
-    tb = bt % n_tblk
+    b, t, tm = _tile_tokens(bt, N, BN, n_tblk, FLAT, BLOCK_T)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    tm = t < N
     acc = _proj_tile(o_ptr, x_ptr, w_ptr, swc, swj, b, c, cm, t, tm, C, P, N, ACC, DOT, BLOCK_K)
     mask = cm[:, None] & tm[None, :]
     if MODE == 0:
         _store_eval(y_ptr, x_ptr, bias_ptr, acc, b, c, cm, t, tm, C, N, RESIDUAL, ACC)
     elif MODE == 1:
-        _welford_partial(part_ptr, bt, S, C, c, cm, acc, mask, tl.minimum(N - tb * BLOCK_T, BLOCK_T).to(ACC))
+        _welford_partial(part_ptr, bt, S, C, c, cm, acc, mask, tl.sum(tm.to(ACC), axis=0))
     else:
         g = tl.load(_rows(g_ptr, b, c, t, C, N), mask=mask, other=0.0).to(ACC)
         zhat = tl.where(mask, (acc - tl.load(mean_ptr + c, mask=cm, other=0.0)[:, None])
@@ -390,12 +392,13 @@ def _eval_kernel(x_ptr, gnw_ptr, gnb_ptr, gn_eps: tl.float64, qkv_w_ptr, swo, sw
 @triton.jit
 def _wgrad_kernel(g_ptr, z_ptr, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps: tl.float64, count,
                   a_ptr, x_ptr, gn_mean_ptr, gn_var_ptr, gnw_ptr, gnb_ptr, gn_eps: tl.float64,
-                  part_ptr, rowsum_ptr, R, K, C, P, N, n_tblk, n_tiles, per_split,
-                  NORM: tl.constexpr, RIGHT_U: tl.constexpr, ROWSUM: tl.constexpr, ACC: tl.constexpr,
-                  DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+                  part_ptr, rowsum_ptr, R, K, C, P, N, BN, n_tblk, n_tiles, per_split,
+                  NORM: tl.constexpr, RIGHT_U: tl.constexpr, ROWSUM: tl.constexpr, FLAT: tl.constexpr,
+                  ACC: tl.constexpr, DOT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
     # Split-K weight grad: the partial over this split's token tiles of sum_{b,n} gz[b, r, n] * in[b, k, n],
     # with gz from _load_grad and in = relu(cat[o, x2]) (RIGHT_U, proj) or the GroupNorm output (qkv).
     # ROWSUM: also the partial sums of gz (the eval bias grad), from the programs of column block 0.
+    # FLAT (proj only: qkv's tiles hold one sample, for its GroupNorm statistics): tiles of the flattened B*N
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = r < R
     kb = tl.program_id(1)
@@ -405,9 +408,7 @@ def _wgrad_kernel(g_ptr, z_ptr, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps: tl.fl
     acc = tl.zeros([BLOCK_R, BLOCK_K], ACC)
     rs = tl.zeros([BLOCK_R], ACC)
     for tile in range(sp * per_split, tl.minimum(sp * per_split + per_split, n_tiles)):
-        b = tile // n_tblk
-        t = (tile % n_tblk) * BLOCK_T + tl.arange(0, BLOCK_T)
-        tm = t < N
+        b, t, tm = _tile_tokens(tile, N, BN, n_tblk, FLAT, BLOCK_T)
         g = _load_grad(g_ptr, z_ptr, b, r, rm, t, tm, R, N, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps, count, NORM,
                        ACC)
         if RIGHT_U:
@@ -422,16 +423,14 @@ def _wgrad_kernel(g_ptr, z_ptr, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps: tl.fl
 
 @triton.jit
 def _proj_bwd_kernel(gy_ptr, zy_ptr, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps: tl.float64, count,
-                     w_ptr, swc, swj, o_ptr, x_ptr, go_ptr, d_ptr, gx_ptr, C, P, N, n_tblk,
-                     NORM: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
-                     BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
+                     w_ptr, swc, swj, o_ptr, x_ptr, go_ptr, d_ptr, gx_ptr, C, P, N, BN, n_tblk,
+                     NORM: tl.constexpr, RESIDUAL: tl.constexpr, FLAT: tl.constexpr, ACC: tl.constexpr,
+                     DOT: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr):
     # gu = W_proj^T @ gz, masked by relu'(u). Row block 0 holds all P attention channels so that it can finish
-    # D = rowsum(go * o) for its tokens; blocks 1.. cover the pass-through channels of grad_x.
-    bt = tl.program_id(0)
+    # D = rowsum(go * o) for its tokens; blocks 1.. cover the pass-through channels of grad_x. FLAT: tiles of the
+    # flattened B*N tokens.
     jb = tl.program_id(1)
-    b = bt // n_tblk
-    t = (bt % n_tblk) * BLOCK_T + tl.arange(0, BLOCK_T)
-    tm = t < N
+    b, t, tm = _tile_tokens(tl.program_id(0), N, BN, n_tblk, FLAT, BLOCK_T)
     j = tl.where(jb == 0, 0, P + (jb - 1) * BLOCK_J) + tl.arange(0, BLOCK_J)
     jm = j < tl.where(jb == 0, P, C)
     acc = tl.zeros([BLOCK_J, BLOCK_T], ACC)
@@ -659,13 +658,14 @@ class _Front:
         """Launch _proj_kernel (see there for the modes) writing into out; returns its partials (modes 1, 2)."""
         sz = self.sz
         block_c = min(_BLOCK_R, _p2(sz.C))
-        S = sz.B * sz.n_tblk
+        block_t, n_tblk, S = sz.tiles(sz.flat)
         part = out if mode == 0 else sz.empty(3, S, sz.C) if mode == 1 else sz.empty(S, 2 * sz.C)
         mean, var, eps = (bn.mean, bn.var, bn.eps) if bn is not None else (out, out, 0.0)
         _proj_kernel[(S, triton.cdiv(sz.C, block_c))](
             self.o, self.x, proj_w, *proj_w.stride(), bias.contiguous() if bias is not None else out, out, part,
-            g if g is not None else out, mean, var, eps, sz.C, sz.P, sz.N, sz.n_tblk, S, MODE=mode,
-            RESIDUAL=residual, BLOCK_C=block_c, BLOCK_K=_BLOCK_K, BLOCK_T=sz.block_t, num_warps=_GEMM_WARPS, **sz.meta)
+            g if g is not None else out, mean, var, eps, sz.C, sz.P, sz.N, sz.B * sz.N, n_tblk, S, MODE=mode,
+            RESIDUAL=residual, FLAT=sz.flat, BLOCK_C=block_c, BLOCK_K=_BLOCK_K, BLOCK_T=block_t, num_warps=_GEMM_WARPS,
+            **sz.meta)
         return part
 
     def wgrad(self, g, z, bn, sums, right_u):
@@ -679,17 +679,16 @@ class _Front:
         rowsum = bn is None and right_u
         block_r, block_k = min(_BLOCK_R, _p2(rows)), min(_BLOCK_R, _p2(cols))
         grid_rk = triton.cdiv(rows, block_r) * triton.cdiv(cols, block_k)
-        block_t = min(sz.block_t, 32) if sz.fma else sz.block_t  # tokens are the dot's K: FMA dots spill at 64
-        n_tblk = triton.cdiv(sz.N, block_t)
-        n_tiles = sz.B * n_tblk
+        flat = right_u and sz.flat  # qkv's tiles hold one sample (its GroupNorm statistics)
+        block_t, n_tblk, n_tiles = sz.tiles(flat, 32 if sz.fma else None)  # tokens: the dot's K; FMA spills at 64
         # split-K over token tiles: enough programs to fill a GPU; one split in the interpreter
         per_split, S = _split_k(n_tiles, grid_rk, _GPU_PROGRAMS if sz.gpu else 1)
         part = sz.empty(S, rows * cols)
         rs = sz.empty(S, rows) if rowsum else part
         _wgrad_kernel[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_k), S)](
             g, z, *_BN.bwd_args(bn, sums, g), sz.B * sz.N, self.o, self.x, *self.gn, self.gn_w, self.gn_b,
-            self.gn_eps, part, rs, rows, cols, sz.C, sz.P, sz.N, n_tblk, n_tiles, per_split,
-            NORM=bn is not None, RIGHT_U=right_u, ROWSUM=rowsum, BLOCK_R=block_r, BLOCK_K=block_k,
+            self.gn_eps, part, rs, rows, cols, sz.C, sz.P, sz.N, sz.B * sz.N, n_tblk, n_tiles, per_split,
+            NORM=bn is not None, RIGHT_U=right_u, ROWSUM=rowsum, FLAT=flat, BLOCK_R=block_r, BLOCK_K=block_k,
             BLOCK_T=block_t, num_warps=_GEMM_WARPS, **sz.meta)
         return _sum(part).view(rows, cols), (_sum(rs) if rowsum else None)
 
@@ -712,12 +711,11 @@ class _Front:
         go = torch.empty(B, P, N, dtype=x.dtype, device=x.device)
         dd = sz.empty(B, N)
         block_j = sz.PP
-        block_t = max(16, min(sz.block_t, _ATTN_TILE // (2 * block_j if sz.fma else block_j)))
-        n_tblk = triton.cdiv(N, block_t)
-        _proj_bwd_kernel[(B * n_tblk, 1 + triton.cdiv(C - P, block_j))](
+        block_t, n_tblk, n_tiles = sz.tiles(sz.flat, max(16, _ATTN_TILE // (2 * block_j if sz.fma else block_j)))
+        _proj_bwd_kernel[(n_tiles, 1 + triton.cdiv(C - P, block_j))](
             gy, zy, *_BN.bwd_args(proj_bn, psums, gy), B * N, proj_w, *proj_w.stride(), self.o, x, go, dd, gx,
-            C, P, N, n_tblk, NORM=proj_bn is not None, RESIDUAL=residual, BLOCK_J=block_j, BLOCK_C=_BLOCK_K,
-            BLOCK_T=block_t, num_warps=_GEMM_WARPS, **sz.meta)
+            C, P, N, B * N, n_tblk, FLAT=sz.flat, NORM=proj_bn is not None, RESIDUAL=residual, BLOCK_J=block_j,
+            BLOCK_C=_BLOCK_K, BLOCK_T=block_t, num_warps=_GEMM_WARPS, **sz.meta)
 
         # attention backward: ga = [dq; dk; dv] and its per-tile sums
         _, _, block = _attn_blocks(sz)

@@ -423,7 +423,8 @@ def test_triton_specialisations_are_bounded(launch_keys):
       SATURATED adds a tuple, nor does any of the five resolutions (1333x800 included). The partial-sum reductions
       size their block over the partials as the next power of two up to a cap (2048 / rows): one more tuple per
       doubling of the partial count (e.g. 1333x800's 17 token tiles at stage 2 against 64x64's 16);
-    - no kernel has more than 40 meta-parameter tuples."""
+    - no kernel has more than 48 meta-parameter tuples (_token_gemm._gemm_kernel has the most, 45: its prologue /
+      epilogue pairs in both token tilings, flattened where N % 16 == 0 and per sample otherwise)."""
     five = _union(launch_keys, RESOLUTIONS)
     sweep = _union(launch_keys, [(16 * h, 16 * h) for h in SWEEP])
     assert five.keys() == sweep.keys() and len(sweep) >= 15, sorted(sweep)
@@ -441,7 +442,7 @@ def test_triton_specialisations_are_bounded(launch_keys):
     assert len(reductions) == 2, reductions  # _common's, which every op uses
     for kernel in meta_all:
         both = meta_all[kernel] | meta_five[kernel]
-        assert len(both) <= 40, (kernel, len(both))
+        assert len(both) <= 48, (kernel, len(both))
         if kernel in reductions:
             blocks = {v for spec, options in both for _, v in spec if isinstance(v, int) and not isinstance(v, bool)}
             assert all(v & (v - 1) == 0 for v in blocks), (kernel, sorted(blocks))  # powers of two (and 0-free)

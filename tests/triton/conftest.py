@@ -46,17 +46,19 @@ def x_path(request, monkeypatch):
 
 @pytest.fixture(params=["flat", "per-sample"])
 def token_tiles(request, monkeypatch):
-    """Both tilings of the token GEMMs (_gemm_kernel, _wgrad_kernel): tiles of the flattened B*N tokens, which may
-    span samples (FLAT_TOKENS, the default), or tiles within each sample. On teardown, checks that every launch the
-    test made took the tiling it names; launches with the gate (PRO 3, EPI 6, PRO_R 3) always tile per sample."""
-    from shvit_kernels.triton import _token_gemm
+    """Both tilings of the token GEMMs: tiles of the flattened B*N tokens, which may span samples (FLAT_TOKENS = 1;
+    by default only where N % 16 == 0), or tiles within each sample (0). On teardown, checks that every such launch
+    the test made took the tiling it names; the launches with pw_conv_bn's gate (PRO 3, EPI 6, PRO_R 3) and SHSA's
+    qkv weight grad (RIGHT_U False) always tile per sample."""
+    from shvit_kernels.triton import _common, _token_gemm, ffn, shsa
 
-    monkeypatch.setattr(_token_gemm, "FLAT_TOKENS", request.param == "flat")
-    gemm, wgrad = [], []
-    monkeypatch.setattr(_token_gemm, "_gemm_kernel", _Spy(_token_gemm._gemm_kernel, gemm))
-    monkeypatch.setattr(_token_gemm, "_wgrad_kernel", _Spy(_token_gemm._wgrad_kernel, wgrad))
+    monkeypatch.setattr(_common, "FLAT_TOKENS", 1 if request.param == "flat" else 0)
+    log = []
+    for module, name in ((_token_gemm, "_gemm_kernel"), (_token_gemm, "_wgrad_kernel"), (ffn, "_fused_bwd_kernel"),
+                         (shsa, "_proj_kernel"), (shsa, "_proj_bwd_kernel"), (shsa, "_wgrad_kernel")):
+        monkeypatch.setattr(module, name, _Spy(getattr(module, name), log))
     yield request.param
-    gated = [k["PRO"] == 3 or k["EPI"] == 6 for k in gemm] + [k["PRO_R"] == 3 for k in wgrad]
-    flat = [k["FLAT"] for k in gemm + wgrad]
-    assert flat, "no token GEMM was launched"
-    assert flat == [request.param == "flat" and not g for g in gated]
+    assert log, "no token GEMM was launched"
+    for k in log:
+        per_sample = k.get("PRO") == 3 or k.get("EPI") == 6 or k.get("PRO_R") == 3 or k.get("RIGHT_U") is False
+        assert k["FLAT"] == (request.param == "flat" and not per_sample), k

@@ -157,7 +157,8 @@ def test_multiblock(small_tiles, train, channels_last, x_path, token_tiles):
 def test_resident_rule_on_a_gpu():
     """The eval forward's tiles on a GPU (sizes only, no kernel runs): x resident with 128-token tiles and 16 warps'
     worth of accumulator at S4 stage 1 and batch 256, one 512-row block at stage 2; the K-step path for d > 512
-    (a 16-row W1 / W2 step would not fit beside x's tile) and for fp32 (FMA dots)."""
+    (a 16-row W1 / W2 step would not fit beside x's tile), for fp32 (FMA dots) and for N % 16 != 0 (224 px's
+    14x14 and 7x7 maps, where the resident tile spilled)."""
     def rule(b, d, hw, dtype=torch.float16):
         return T._resident_blocks(gpu_dims(b, d, hw, 2 * d, dtype))
 
@@ -165,6 +166,26 @@ def test_resident_rule_on_a_gpu():
     assert rule(256, 336, 8) == (512, 16, 512, 64)
     assert rule(256, 640, 8) is None
     assert rule(256, 224, 16, torch.float32) is None
+    assert rule(256, 192, 14) is None and rule(256, 308, 7) is None  # N % 16 != 0: the resident tile spilled
+
+
+def test_flat_token_rule(monkeypatch):
+    """The token GEMMs tile the flattened B*N tokens where N % 16 == 0: S4's maps at 256 px (256, 64 and 16 tokens)
+    and its last stage at 224 px (16). 196 and 49 tokens (224 px) keep per-sample tiles: there a flat tile's
+    per-token indices cost registers (sm_90 ptxas). FLAT_TOKENS = 1 / 0 forces either. Tiles never exceed 64
+    tokens, whatever cap a launcher asks."""
+    maps = [(16, 16), (8, 8), (4, 4), (14, 14), (7, 7), (1, 1)]
+
+    def flat(hw):
+        return T._Dims(torch.empty(2, 8, *hw), 16).flat
+
+    assert [flat(hw) for hw in maps] == [True, True, True, False, False, False]
+    monkeypatch.setattr(_common, "FLAT_TOKENS", 1)
+    assert all(flat(hw) for hw in maps)
+    monkeypatch.setattr(_common, "FLAT_TOKENS", 0)
+    assert not any(flat(hw) for hw in maps)
+    dm = T._Dims(torch.empty(256, 8, 4, 4), 16)
+    assert dm.tiles(True, 512) == (64, 1, 64) and dm.tiles(False, 512) == (16, 1, 256)
 
 
 def test_eval_forward_keeps_the_hidden_on_chip():

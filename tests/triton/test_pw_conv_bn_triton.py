@@ -108,6 +108,7 @@ def test_resident_rule_on_a_gpu():
     assert rule(256, 896, 8, 336) is None
     assert rule(8, 224, 16, 896) is None
     assert rule(256, 224, 16, 896, torch.float32) is None
+    assert rule(256, 128, 14, 512) is None  # N % 16 != 0: no tile spans samples
     assert rule(256, 16, 16, 1024) == (16, 128, 128)
 
 

@@ -103,7 +103,7 @@ _ids = ["x".join(map(str, s)) for s in SHAPES]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
-def test_eval_fp32(shape, eval_path):
+def test_eval_fp32(shape, eval_path, token_tiles):
     ours, refs = _inputs(*shape, torch.float32, torch.float32, train=False)
     _run_eval(ours, refs, shape[3], shape[1] % 2 == 0, torch.float32)
 
@@ -122,7 +122,7 @@ def test_one_kernel_channel_groups(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("shape", SHAPES[1:], ids=_ids[1:])  # BN training needs B * N > 1
-def test_train_fp32(shape):
+def test_train_fp32(shape, token_tiles):
     ours, refs = _inputs(*shape, torch.float32, torch.float32, train=True)
     _run_train(ours, refs, shape[3], shape[1] % 2 == 1, torch.float32)
 
