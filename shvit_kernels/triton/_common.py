@@ -14,6 +14,7 @@ _EW_TILE = 1024  # elements per tile of the statistics / elementwise kernels (8 
 _RED_TILE, _RED_R = 2048, 128  # reduction kernels: tile elements, most rows per tile
 _GPU_PROGRAMS = 264  # programs that fill an H100 (2 per SM): split-K weight grads and the one-kernel SHSA eval aim at it
 FLAT_TOKENS = 16  # token GEMMs tile the flattened B*N tokens where N % FLAT_TOKENS == 0 (_Shape.flat); 1: always
+# (the eval forwards' resident-x rule, N % 16 == 0 on a GPU, does not read it: _token_gemm._resident_tokens)
 
 
 # ---- device helpers ----------------------------------------------------------------------------------------

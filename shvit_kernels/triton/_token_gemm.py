@@ -121,6 +121,7 @@ def _gemm_kernel(w_ptr, swr, swk, a_ptr, sab, sak, sat, az_ptr, szb, szk, szt, a
     # EPI 6: out = acc * gate[b, r] (gate: e_w, (B, R) contiguous) and per-tile partials of sum_t acc * e at [bt, r]
     #        of (S, R) (e = the gated GEMM's input x: the gate's gradient).
     # Token tiles: see _tile_tokens; PRO 3 and EPI 6 need one sample per tile (not FLAT).
+    tl.static_assert(not (FLAT and (PRO == 3 or EPI == 6)), "the gate's prologue / epilogue tile one sample")
     bt = tl.program_id(0)
     b, t, tm = _tile_tokens(bt, N, BN, n_tblk, FLAT, BLOCK_T)
     r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -229,6 +230,7 @@ def _wgrad_kernel(l_ptr, slb, slr, slt, lz_ptr, slzb, slzr, slzt, l_mean, l_var,
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     km = k < K
     sp = tl.program_id(2)
+    tl.static_assert(not (FLAT and PRO_R == 3), "the gate's prologue tiles one sample")
     acc = tl.zeros([BLOCK_R, BLOCK_K], ACC)
     rs = tl.zeros([BLOCK_R], ACC)
     for tile in range(sp * per_split, tl.minimum(sp * per_split + per_split, n_tiles)):
@@ -276,15 +278,15 @@ class _Dims(_Shape):
 def _resident_tokens(dm: _Dims, K: int) -> tuple[int, int] | None:
     """(BLOCK_K, BLOCK_T) of a kernel that keeps x's whole [K, BLOCK_T] tile on chip (_x_tile) and streams its
     weights once per tile of flattened tokens, or None: GPU fp32 / fp64 (FMA dots hold operands in registers), K
-    too wide for a 16-token tile, or, on a GPU, N % 16 != 0 (not dm.flat: the flattened tokens' per-element indices
-    made the FFN forward spill 736 B a thread at 14x14 and 784 B at 7x7, sm_90 ptxas). Each program streams all the
-    weights, so the tile is as long as RESIDENT_X and RESIDENT_TOKENS allow while the grid still gives every SM a
-    program (on a GPU; the interpreter wants few)."""
+    too wide for a 16-token tile, or, on a GPU, N % 16 != 0 (the flattened tokens' per-element indices made the FFN
+    forward spill 736 B a thread at 14x14 and 784 B at 7x7, sm_90 ptxas; independent of FLAT_TOKENS). Each program
+    streams all the weights, so the tile is as long as RESIDENT_X and RESIDENT_TOKENS allow while the grid still
+    gives every SM a program (on a GPU; the interpreter wants few)."""
     k = _p2(K)
     tokens = dm.B * dm.N
     fill = 1 << max(0, (tokens // (_GPU_PROGRAMS // 2 if dm.gpu else 1)).bit_length() - 1)  # power of two, floor
     block_t = min(RESIDENT_TOKENS, RESIDENT_X // k, _p2(tokens), max(32, fill))
-    return None if dm.fma or block_t < 16 or dm.gpu and not dm.flat else (k, block_t)
+    return None if dm.fma or block_t < 16 or dm.gpu and dm.N % 16 else (k, block_t)
 
 
 def _resident_gemm(dm: _Dims, K: int, R: int) -> tuple[int, int, int] | None:

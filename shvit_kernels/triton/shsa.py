@@ -405,6 +405,7 @@ def _wgrad_kernel(g_ptr, z_ptr, mean_ptr, var_ptr, bnw_ptr, sums_ptr, eps: tl.fl
     k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     km = k < K
     sp = tl.program_id(2)
+    tl.static_assert(RIGHT_U or not FLAT, "the GroupNorm operand tiles one sample")
     acc = tl.zeros([BLOCK_R, BLOCK_K], ACC)
     rs = tl.zeros([BLOCK_R], ACC)
     for tile in range(sp * per_split, tl.minimum(sp * per_split + per_split, n_tiles)):

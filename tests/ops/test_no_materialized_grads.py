@@ -12,7 +12,7 @@ from shvit_kernels import backends, use_backend
 from shvit_kernels.bench import cases, randomize_bn
 
 BACKENDS = [b for b in ("reference", "cpu") if b in backends.available_backends()]
-CASES = {c.op: c for c in cases(2)}  # one case per op (SRA: its last)
+CASES = {c.op: c for c in cases(2)}  # one case per op, its last (FFN: stage 3's; SHSA: detection's; SRA: stage 2's)
 
 
 class _ExtraOutputs(TorchDispatchMode):

@@ -148,7 +148,7 @@ def test_multiblock(small_tiles, train, channels_last, x_path, token_tiles):
     assert dm.tiles(flat) == ((16, 1, 3) if flat else (16, 2, 4))
     if x_path == "resident" and DEVICE == "cpu":
         assert T._resident_blocks(dm) == (16, 16, 32, 16)
-    grid_rk = 3 * 2  # weight grads (h x d) in 16 x 16 blocks: 3 or 4 token tiles in 2 splits of 2
+    grid_rk = 3 * 2  # weight grads (h x d) in 16 x 16 blocks: 3 token tiles in splits of 2 + 1, or 4 in 2 + 2
     assert _common._split_k(dm.tiles(flat)[2], grid_rk, TG.INTERP_WGRAD_PROGRAMS) == (2, 2)
     ours, refs = _inputs(b, d, h, hh, ww, torch.float64, torch.float64, train, channels_last)
     (_run_train if train else _run_eval)(ours, refs, torch.float64)
